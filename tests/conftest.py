@@ -1,0 +1,31 @@
+"""Shared fixtures: real tokenizers and vocabularies, loaded offline and cached per session."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+# Converted tokenizers and model weights live in the checkout's git-ignored .cache unless told otherwise.
+os.environ.setdefault("CONSTRAIN_CACHE", str(Path(__file__).resolve().parent.parent / ".cache"))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+REAL_VOCABS = ("smollm2", "llama3", "qwen3", "gpt2", "mistral-sp")
+
+
+@pytest.fixture(scope="session")
+def tokenizers():
+    """A function name -> transformers tokenizer (cached)."""
+    from constrain.assets import load_tokenizer
+
+    return load_tokenizer
+
+
+@pytest.fixture(scope="session")
+def vocabularies():
+    """A function name -> Vocabulary (cached)."""
+    from constrain.assets import load_vocabulary
+
+    return load_vocabulary
