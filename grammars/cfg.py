@@ -1,0 +1,274 @@
+"""Context-free grammars as token constraints: `GrammarConstraint` (a `GrammarIR`), its compiled form, and
+`GrammarMatcher`, the per-sequence state.
+
+A matcher state is a small set of *threads* `(earley_state, lexer_state)`: the parse up to the last lexeme
+boundary, and how far the current lexeme has got (`FRESH` = no byte of it yet). Several threads exist where the
+input is lexically ambiguous (a lexeme may end here or go on). A token is allowed iff, from some thread, its
+bytes can be split into lexeme continuations the lexer keeps alive and lexemes the parser accepts.
+
+Masks: each thread walks the vocabulary trie from the root through its lexer (a cached, parser-independent
+walk); where a lexeme can end inside a token, the parser is advanced once for that group of boundaries and the
+walk goes on from those trie nodes with the next lexer (also cached). See docs/grammar.md.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import torch
+
+from constrain.bitmask import row_view
+from constrain.constraint import CompiledConstraint, Constraint, Matcher
+from constrain.errors import CompileLimitError, ConstraintError
+from constrain.vocab import Vocabulary
+
+from .earley import EarleyState, Grammar, GrammarIR
+from .lexer import Lexer, lexer_for, root_frontier
+
+FRESH = -2  # lexer position of a thread that has read no byte of its current lexeme
+MAX_THREADS = 512  # lexically ambiguous threads kept per position
+MAX_FILL_STEPS = 200_000  # (parser state, frontier) pairs visited by one mask fill
+
+Thread = tuple[EarleyState, "LexerView", int]
+
+
+class LexerView:
+    """A shared `Lexer` seen from one grammar: its terminal indices mapped back to the grammar's terminal ids."""
+
+    __slots__ = ("lexer", "terms", "_acc")
+
+    def __init__(self, lexer: Lexer, terms: tuple[int, ...]):
+        self.lexer = lexer
+        self.terms = terms
+        self._acc: dict[tuple[int, ...], frozenset[int]] = {}
+
+    def grammar_terms(self, local: tuple[int, ...]) -> frozenset[int]:
+        """The grammar's terminal ids for a tuple of this lexer's terminal indices."""
+        hit = self._acc.get(local)
+        if hit is None:
+            hit = self._acc[local] = frozenset(self.terms[j] for j in local)
+        return hit
+
+    def accepted(self, state: int) -> frozenset[int]:
+        """The grammar terminals that accept in lexer `state` (empty for `FRESH`)."""
+        if state < 0:
+            return frozenset()
+        return self.grammar_terms(self.lexer.accepts[state])
+
+
+class CompiledGrammar:
+    """A `Grammar` plus its lexer views (vocabulary-independent; shared by the per-vocabulary forms)."""
+
+    def __init__(self, ir: GrammarIR):
+        self.grammar = Grammar(ir)
+        self._views: dict[frozenset[int], LexerView] = {}
+        self._lock = threading.Lock()
+
+    def view(self, state: EarleyState) -> LexerView:
+        """The lexer for the terminals `state` allows (plus the ignored ones)."""
+        g = self.grammar
+        allowed = state.expected | g.ignore
+        hit = self._views.get(allowed)
+        if hit is not None:
+            return hit
+        ordered = sorted(allowed, key=lambda t: (g.ir.terminals[t].pattern, g.ir.terminals[t].flags, t))
+        keys = tuple((g.ir.terminals[t].pattern, g.ir.terminals[t].flags) for t in ordered)
+        lexer = lexer_for(keys, [g.dfas[t] for t in ordered])
+        view = LexerView(lexer, tuple(ordered))
+        with self._lock:
+            return self._views.setdefault(allowed, view)
+
+    def initial_threads(self) -> tuple[Thread, ...]:
+        root = self.grammar.root
+        return ((root, self.view(root), FRESH),)
+
+
+def advance(cg: CompiledGrammar, threads: tuple[Thread, ...], data: bytes) -> tuple[Thread, ...]:
+    """The threads after reading `data` (empty if some byte cannot continue any thread).
+
+    Raises `CompileLimitError` if lexical ambiguity exceeds `MAX_THREADS` threads.
+    """
+    for byte in data:
+        nxt: dict[tuple[int, int], Thread] = {}
+        for state, view, pos in threads:
+            lexer = view.lexer
+            s = lexer.rows[0 if pos == FRESH else pos][byte]
+            if s < 0:
+                continue
+            nxt.setdefault((id(state), s), (state, view, s))
+            if lexer.accepting[s]:
+                for after in state.after(view.accepted(s)):
+                    nxt.setdefault((id(after), FRESH), (after, cg.view(after), FRESH))
+        if len(nxt) > MAX_THREADS:
+            raise CompileLimitError(f"more than {MAX_THREADS} lexically ambiguous parses at one position")
+        threads = tuple(nxt.values())
+        if not threads:
+            return ()
+    return threads
+
+
+def threads_accepting(threads: tuple[Thread, ...]) -> bool:
+    """True if the input so far is a complete sentence (some thread can end its lexeme and the parse here)."""
+    for state, view, pos in threads:
+        if pos == FRESH:
+            if state.accepting:
+                return True
+        elif view.lexer.accepting[pos]:
+            if any(after.accepting for after in state.after(view.accepted(pos))):
+                return True
+    return False
+
+
+def fill_words(cg: CompiledGrammar, vocab: Vocabulary, threads: tuple[Thread, ...], out: np.ndarray) -> None:
+    """OR into `out` (uint32 words) every ordinary token allowed after `threads`."""
+    root = root_frontier(vocab)
+    stack = [(state, view, pos, root) for state, view, pos in threads]
+    seen: set[tuple[int, int, int, int]] = set()
+    steps = 0
+    while stack:
+        state, view, pos, frontier = stack.pop()
+        key = (id(state), id(view), pos, id(frontier))
+        if key in seen:
+            continue
+        seen.add(key)
+        steps += 1
+        if steps > MAX_FILL_STEPS:
+            raise CompileLimitError(f"a mask needed more than {MAX_FILL_STEPS} parser/trie steps")
+        result = frontier.walk(view.lexer, 0 if pos == FRESH else pos, vocab)
+        result.apply(out)
+        for local, child in result.groups:
+            for after in state.after(view.grammar_terms(local)):
+                stack.append((after, cg.view(after), FRESH, child))
+
+
+class GrammarConstraint(Constraint):
+    """A context-free grammar (`GrammarIR`) as a token constraint.
+
+    Args:
+        ir: the grammar.
+        label: a short description for messages (e.g. the file name).
+    """
+
+    def __init__(self, ir: GrammarIR, label: str = "grammar"):
+        self.ir = ir
+        self.label = label
+        self._core: CompiledGrammar | None = None
+
+    def cache_key(self) -> object:
+        return self.ir
+
+    @property
+    def core(self) -> CompiledGrammar:
+        """The vocabulary-independent compiled grammar (built on first use; raises `ConstraintError`)."""
+        if self._core is None:
+            self._core = _core_for(self.ir)
+        return self._core
+
+    def _compile(self, vocab: Vocabulary) -> CompiledGrammarConstraint:
+        return CompiledGrammarConstraint(self.core, vocab)
+
+    def __repr__(self) -> str:
+        return f"GrammarConstraint({self.label})"
+
+
+_cores: dict[GrammarIR, CompiledGrammar] = {}
+_cores_lock = threading.Lock()
+
+
+def _core_for(ir: GrammarIR) -> CompiledGrammar:
+    hit = _cores.get(ir)
+    if hit is None:
+        hit = CompiledGrammar(ir)
+        with _cores_lock:
+            hit = _cores.setdefault(ir, hit)
+            while len(_cores) > 512:
+                _cores.pop(next(iter(_cores)))
+    return hit
+
+
+class CompiledGrammarConstraint(CompiledConstraint):
+    """A grammar compiled against one vocabulary."""
+
+    def __init__(self, core: CompiledGrammar, vocab: Vocabulary):
+        self.core = core
+        self.vocab = vocab
+        self.words = (vocab.vocab_size + 31) // 32
+
+    def matcher(self) -> GrammarMatcher:
+        return GrammarMatcher(self, self.core.initial_threads())
+
+
+class GrammarMatcher(Matcher):
+    """Matching state for one sequence (see the module docstring)."""
+
+    def __init__(self, compiled: CompiledGrammarConstraint, threads: tuple[Thread, ...]):
+        self.compiled = compiled
+        self.vocab = compiled.vocab
+        # One entry per accepted token: (threads, terminated); the first is the start.
+        self._history: list[tuple[tuple[Thread, ...], bool]] = [(threads, False)]
+
+    @property
+    def threads(self) -> tuple[Thread, ...]:
+        """The current threads (see the module docstring)."""
+        return self._history[-1][0]
+
+    def fill_words(self, out: np.ndarray) -> None:
+        """Write the allowed-token words (uint32, zeroed first) for the current state, EOS included."""
+        out[:] = 0
+        terminated = self.is_terminated()
+        if not terminated:
+            fill_words(self.compiled.core, self.vocab, self.threads, out)
+        if terminated or threads_accepting(self.threads):
+            for t in self.vocab.eos_ids:
+                out[t >> 5] |= np.uint32(1 << (t & 31))
+
+    def fill_bitmask(self, bitmask: torch.Tensor | np.ndarray, row: int = 0) -> None:
+        self.fill_words(row_view(bitmask, row, self.vocab.vocab_size))
+
+    def accept(self, token: int) -> bool:
+        token = self.vocab.check_token(token)
+        if token in self.vocab.eos_ids:
+            if not self.is_accepting():
+                return False
+            self._history.append((self.threads, True))
+            return True
+        if self.is_terminated() or token in self.vocab.special_ids or token >= self.vocab.n_tokens:
+            return False
+        data = self.vocab.token_bytes[token]
+        return bool(data) and self.accept_bytes(data)
+
+    def accept_bytes(self, data: bytes) -> bool:
+        """Advance by raw bytes (not a token); False (state unchanged) if they cannot continue the text.
+
+        Counts as one step for `rollback`.
+        """
+        if self.is_terminated():
+            return False
+        threads = advance(self.compiled.core, self.threads, data)
+        if not threads:
+            return False
+        self._history.append((threads, False))
+        return True
+
+    def rollback(self, n: int = 1) -> None:
+        self._check_rollback(n, len(self._history) - 1)
+        del self._history[len(self._history) - n :]
+
+    def fork(self) -> GrammarMatcher:
+        clone = GrammarMatcher(self.compiled, self.threads)
+        clone._history = list(self._history)
+        return clone
+
+    def is_accepting(self) -> bool:
+        return self.is_terminated() or threads_accepting(self.threads)
+
+    def is_terminated(self) -> bool:
+        return self._history[-1][1]
+
+
+def ensure_constraint_error(exc: Exception, where: str) -> ConstraintError:
+    """Wrap an unexpected exception from a third-party parser as a `ConstraintError` naming `where`."""
+    if isinstance(exc, ConstraintError):
+        return exc
+    return ConstraintError(f"{where}: {type(exc).__name__}: {exc}")

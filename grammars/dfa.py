@@ -1,0 +1,622 @@
+"""Byte-level automata: an NFA builder that lowers code-point ranges to UTF-8, subset construction, and
+minimisation into `ByteDFA`, the dense byte DFA that regex constraints (and the grammar lexer) run on.
+
+The pipeline (see docs/regex.md):
+
+    code-point NFA edges --utf8_sequences--> byte-range NFA --determinize--> DFA over byte classes
+        --minimize (trim dead states, Hopcroft)--> ByteDFA (n_states, 256) int32, -1 = dead
+
+Every state of a `ByteDFA` can still reach an accepting state, so "state >= 0" means "still viable".
+Surrogate code points (U+D800..U+DFFF) have no UTF-8 encoding and are dropped; invalid UTF-8 is never accepted.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from functools import cached_property, lru_cache
+
+import numpy as np
+
+from numba import njit
+
+from constrain.errors import CompileLimitError
+
+DEAD = -1
+MAX_CODEPOINT = 0x10FFFF
+SURROGATES = (0xD800, 0xDFFF)
+_MAX_SCALAR = (0x7F, 0x7FF, 0xFFFF)  # the largest code point with a 1-, 2- and 3-byte encoding
+
+ByteRange = tuple[int, int]  # inclusive (lo, hi), 0 <= lo <= hi <= 255
+
+
+# -- UTF-8 lowering (the utf8-ranges algorithm of Rust's regex-syntax) -------------------------------------
+def _utf8_split(lo: int, hi: int, out: list[tuple[ByteRange, ...]]) -> None:
+    """Append the byte-range sequences matching exactly the UTF-8 encodings of code points lo..hi (no surrogates)."""
+    stack = [(lo, hi)]
+    while stack:
+        lo, hi = stack.pop()
+        while True:
+            # 1. never let a range straddle an encoding length
+            for m in _MAX_SCALAR:
+                if lo <= m < hi:
+                    stack.append((m + 1, hi))
+                    hi = m
+                    break
+            else:
+                if hi <= 0x7F:
+                    out.append(((lo, hi),))
+                    break
+                # 2. align on continuation-byte boundaries so each byte position is one contiguous range
+                for i in (1, 2, 3):
+                    m = (1 << (6 * i)) - 1
+                    if lo & ~m != hi & ~m:
+                        if lo & m:
+                            stack.append(((lo | m) + 1, hi))
+                            hi = lo | m
+                            break
+                        if hi & m != m:
+                            stack.append((hi & ~m, hi))
+                            hi = (hi & ~m) - 1
+                            break
+                else:
+                    a, b = chr(lo).encode("utf-8"), chr(hi).encode("utf-8")
+                    out.append(tuple(zip(a, b, strict=True)))
+                    break
+
+
+@lru_cache(maxsize=4096)
+def utf8_sequences(ranges: tuple[tuple[int, int], ...]) -> tuple[tuple[ByteRange, ...], ...]:
+    """The UTF-8 byte-range sequences for a set of inclusive code-point ranges (surrogates dropped).
+
+    Each sequence is a tuple of 1-4 byte ranges; a byte string is the encoding of a code point in `ranges`
+    iff it matches exactly one of the sequences.
+    """
+    out: list[tuple[ByteRange, ...]] = []
+    for lo, hi in ranges:
+        lo, hi = max(lo, 0), min(hi, MAX_CODEPOINT)
+        if lo > hi:
+            continue
+        if lo < SURROGATES[0]:
+            _utf8_split(lo, min(hi, SURROGATES[0] - 1), out)
+        if hi > SURROGATES[1]:
+            _utf8_split(max(lo, SURROGATES[1] + 1), hi, out)
+    return tuple(out)
+
+
+_SRC, _DST = -2, -1  # template placeholders for the edge's source and destination states
+
+
+@lru_cache(maxsize=1024)
+def _utf8_template(ranges: tuple[tuple[int, int], ...]) -> tuple[int, tuple[tuple[int, int, int, int], ...]]:
+    """The byte automaton reading one code point of `ranges`: (number of inner states, edges).
+
+    Edges are `(from, lo, hi, to)` with inner states numbered from 0, `_SRC` for the source and `_DST` for the
+    destination. Inner (continuation) states are shared by suffix: the state that reads bytes lo..hi and then
+    is at state t is built once, which keeps large classes such as Unicode `\\w` to a few hundred states.
+    """
+    suffix: dict[tuple[int, int, int], int] = {}
+    edges: list[tuple[int, int, int, int]] = []
+    first: list[tuple[int, int, int]] = []
+    for seq in utf8_sequences(ranges):
+        target = _DST
+        for lo, hi in reversed(seq[1:]):
+            key = (lo, hi, target)
+            state = suffix.get(key)
+            if state is None:
+                state = len(suffix)
+                suffix[key] = state
+                edges.append((state, lo, hi, target))
+            target = state
+        first.append((seq[0][0], seq[0][1], target))
+    first.sort()
+    merged: list[tuple[int, int, int]] = []
+    for lo, hi, target in first:  # merge adjacent lead-byte ranges that go to the same state
+        if merged and merged[-1][2] == target and merged[-1][1] + 1 == lo:
+            merged[-1] = (merged[-1][0], hi, target)
+        else:
+            merged.append((lo, hi, target))
+    edges.extend((_SRC, lo, hi, target) for lo, hi, target in merged)
+    return len(suffix), tuple(edges)
+
+
+# -- NFA ---------------------------------------------------------------------------------------------------
+class NFA:
+    """A byte-level NFA with epsilon moves, built incrementally (the target of a Thompson construction).
+
+    States are ints. `max_states` bounds its size: adding one more state raises `CompileLimitError`.
+    """
+
+    def __init__(self, max_states: int = 1_000_000):
+        self.max_states = max_states
+        self.eps: list[list[int]] = []
+        self.edges: list[list[tuple[int, int, int]]] = []  # (lo, hi, target): bytes lo..hi lead to target
+
+    @property
+    def n_states(self) -> int:
+        return len(self.eps)
+
+    def add_state(self) -> int:
+        """A new state with no edges; raises `CompileLimitError` past `max_states`."""
+        if len(self.eps) >= self.max_states:
+            raise CompileLimitError(
+                f"the pattern needs more than {self.max_states} NFA states (large counted repeats?); "
+                "simplify it or raise max_states"
+            )
+        self.eps.append([])
+        self.edges.append([])
+        return len(self.eps) - 1
+
+    def add_epsilon(self, src: int, dst: int) -> None:
+        self.eps[src].append(dst)
+
+    def add_bytes(self, src: int, lo: int, hi: int, dst: int) -> None:
+        """An edge from `src` to `dst` on any byte in lo..hi (inclusive)."""
+        self.edges[src].append((lo, hi, dst))
+
+    def add_codepoints(self, src: int, ranges: Sequence[tuple[int, int]], dst: int) -> None:
+        """Edges from `src` to `dst` reading the UTF-8 encoding of one code point in `ranges` (inclusive)."""
+        n_local, edges = _utf8_template(tuple(ranges))
+        base = len(self.eps)
+        if base + n_local > self.max_states:
+            self.add_state()  # raises CompileLimitError with the message
+        self.eps.extend([] for _ in range(n_local))
+        self.edges.extend([] for _ in range(n_local))
+        for s, lo, hi, t in edges:
+            self.edges[src if s == _SRC else base + s].append((lo, hi, dst if t == _DST else base + t))
+
+    def reachable(self, sources: Iterable[int], *, consuming_only_first: bool = False) -> set[int]:
+        """States reachable from `sources` (included) over any edges.
+
+        With `consuming_only_first`, only paths that start with a byte edge count (the sources themselves are
+        then not included unless reached again).
+        """
+        if consuming_only_first:
+            todo = [t for s in sources for _, _, t in self.edges[s]]
+        else:
+            todo = list(sources)
+        seen = set(todo)
+        while todo:
+            s = todo.pop()
+            for t in self.eps[s]:
+                if t not in seen:
+                    seen.add(t)
+                    todo.append(t)
+            for _, _, t in self.edges[s]:
+                if t not in seen:
+                    seen.add(t)
+                    todo.append(t)
+        return seen
+
+
+# -- DFA ---------------------------------------------------------------------------------------------------
+@dataclass(frozen=True, eq=False)
+class ByteDFA:
+    """A minimal deterministic automaton over bytes, with no dead states.
+
+    Attributes:
+        transitions: int32 `(n_states, 256)`; `transitions[s, b]` is the next state, or -1 (dead: no string
+            with this prefix is accepted).
+        accepting: bool `(n_states,)`.
+        start: the start state (0), or -1 for the empty language (then `n_states == 0`).
+
+    The arrays are read-only: a DFA is shared by every constraint and thread that uses it.
+    """
+
+    transitions: np.ndarray
+    accepting: np.ndarray
+    start: int
+
+    @property
+    def n_states(self) -> int:
+        return int(self.transitions.shape[0])
+
+    @cached_property
+    def _rows(self) -> list[list[int]]:
+        return self.transitions.tolist()  # plain lists: stepping in Python is ~5x faster than numpy indexing
+
+    def step(self, state: int, byte: int) -> int:
+        """The state after reading `byte` from `state` (-1 if dead, or if `state` is already -1)."""
+        return self._rows[state][byte] if state >= 0 else DEAD
+
+    def run(self, state: int, data: bytes) -> int:
+        """The state after reading all of `data` from `state`; -1 as soon as it dies."""
+        rows = self._rows
+        for byte in data:
+            if state < 0:
+                return DEAD
+            state = rows[state][byte]
+        return state
+
+    def is_accepting(self, state: int) -> bool:
+        """True if `state` is a live accepting state."""
+        return state >= 0 and bool(self.accepting[state])
+
+    def matches(self, data: bytes) -> bool:
+        """True if the whole of `data` is accepted."""
+        return self.is_accepting(self.run(self.start, data))
+
+    def __repr__(self) -> str:
+        return f"ByteDFA({self.n_states} states, {int(self.accepting.sum())} accepting)"
+
+    # -- constructors ------------------------------------------------------------------------------------
+    @classmethod
+    def from_nfa(cls, nfa: NFA, start: int, accept: int, *, max_states: int) -> ByteDFA:
+        """Determinize (subset construction), trim dead states and minimise.
+
+        Raises `CompileLimitError` if the subset construction needs more than `max_states` states.
+        """
+        table, accepting, class_of = _determinize(nfa, start, accept, max_states)
+        return minimize(table, accepting, 0, class_of)
+
+    @classmethod
+    def from_literals(cls, options: Iterable[bytes], *, max_states: int) -> ByteDFA:
+        """The minimal DFA accepting exactly the given byte strings (built as a trie, then shared suffixes).
+
+        Raises `CompileLimitError` if the minimal DFA has more than `max_states` states.
+        """
+        return _literals_dfa(options, max_states)
+
+    @classmethod
+    def empty(cls) -> ByteDFA:
+        """The DFA of the empty language (no state; start = -1)."""
+        return _freeze(np.zeros((0, 256), dtype=np.int32), np.zeros(0, dtype=bool), DEAD)
+
+
+def _freeze(transitions: np.ndarray, accepting: np.ndarray, start: int) -> ByteDFA:
+    transitions = np.ascontiguousarray(transitions, dtype=np.int32)
+    accepting = np.ascontiguousarray(accepting, dtype=bool)
+    transitions.setflags(write=False)
+    accepting.setflags(write=False)
+    return ByteDFA(transitions=transitions, accepting=accepting, start=int(start))
+
+
+def _byte_classes(nfa: NFA) -> np.ndarray:
+    """Map each byte to a class such that every NFA edge covers whole classes (int64 (256,))."""
+    bounds = np.zeros(257, dtype=bool)
+    bounds[0] = True
+    for edges in nfa.edges:
+        for lo, hi, _ in edges:
+            bounds[lo] = True
+            bounds[hi + 1] = True
+    return np.cumsum(bounds[:256]) - 1
+
+
+def _determinize(nfa: NFA, start: int, accept: int, max_states: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Subset construction over byte classes: (table (n, k) int32 with -1, accepting (n,), class_of (256,))."""
+    class_of = _byte_classes(nfa)
+    k = int(class_of[-1]) + 1
+    cls = class_of.tolist()
+    cedges = [[(cls[lo], cls[hi], t) for lo, hi, t in edges] for edges in nfa.edges]
+    # A DFA state is the set of "important" NFA states it contains: those with byte edges, and `accept`.
+    important = [bool(edges) or s == accept for s, edges in enumerate(nfa.edges)]
+    closures: dict[int, frozenset[int]] = {}
+    empty: frozenset[int] = frozenset()
+
+    def closure(s: int) -> frozenset[int]:
+        hit = closures.get(s)
+        if hit is not None:
+            return hit
+        if not nfa.eps[s]:
+            result = frozenset((s,)) if important[s] else empty
+        else:
+            seen = {s}
+            todo = [s]
+            while todo:
+                for t in nfa.eps[todo.pop()]:
+                    if t not in seen:
+                        seen.add(t)
+                        todo.append(t)
+            result = frozenset(t for t in seen if important[t])
+        closures[s] = result
+        return result
+
+    move_cache: dict[frozenset[int], frozenset[int]] = {}
+    start_set = closure(start)
+    ids: dict[frozenset[int], int] = {start_set: 0}
+    sets = [start_set]
+    rows: list[list[int]] = []
+    i = 0
+    while i < len(sets):
+        moves: dict[int, set[int]] = {}
+        for s in sets[i]:
+            for clo, chi, t in cedges[s]:
+                for c in range(clo, chi + 1):
+                    targets = moves.get(c)
+                    if targets is None:
+                        moves[c] = {t}
+                    else:
+                        targets.add(t)
+        row = [DEAD] * k
+        for c, raw in moves.items():
+            key = frozenset(raw)
+            closed = move_cache.get(key)
+            if closed is None:
+                closed = frozenset().union(*(closure(t) for t in raw))
+                move_cache[key] = closed
+            j = ids.get(closed)
+            if j is None:
+                if len(sets) >= max_states:
+                    raise CompileLimitError(
+                        f"the DFA needs more than max_states={max_states} states (a pattern such as "
+                        "(a|b)*a(a|b){40} blows up exponentially); simplify the pattern or raise max_states"
+                    )
+                j = len(sets)
+                ids[closed] = j
+                sets.append(closed)
+            row[c] = j
+        rows.append(row)
+        i += 1
+    accepting = np.fromiter((accept in s for s in sets), dtype=bool, count=len(sets))
+    return np.asarray(rows, dtype=np.int32).reshape(len(sets), k), accepting, class_of
+
+
+def _live_states(table: np.ndarray, accepting: np.ndarray) -> np.ndarray:
+    """Bool (n,): states from which an accepting state can be reached (backward search)."""
+    n = table.shape[0]
+    tails, labels = np.nonzero(table >= 0)
+    heads = table[tails, labels]
+    by_head = np.argsort(heads, kind="stable")
+    head_first = np.searchsorted(heads[by_head], np.arange(n + 1))
+    return _backward_reach(tails[by_head].astype(np.int64), head_first.astype(np.int64), accepting)
+
+
+def minimize(table: np.ndarray, accepting: np.ndarray, start: int, class_of: np.ndarray) -> ByteDFA:
+    """The minimal `ByteDFA` equivalent to a DFA over byte classes.
+
+    Args:
+        table: int32 `(n, k)`: the next state per class, -1 for none.
+        accepting: bool `(n,)`.
+        start: the start state.
+        class_of: `(256,)`: the class of each byte.
+
+    Dead states (that cannot reach an accepting state) are removed first, then equivalent states are merged
+    (Valmari-Lehtinen's O(m log n) partition refinement for partial DFAs); states are renumbered breadth-first
+    from the start, so equal languages give identical DFAs.
+    """
+    table = np.asarray(table, dtype=np.int32)
+    accepting = np.asarray(accepting, dtype=bool)
+    live = _live_states(table, accepting)
+    if not live[start]:
+        return ByteDFA.empty()
+    keep = np.flatnonzero(live)
+    remap = np.full(table.shape[0], DEAD, dtype=np.int32)
+    remap[keep] = np.arange(keep.size, dtype=np.int32)
+    sub = table[keep]
+    sub = np.where(sub >= 0, remap[np.maximum(sub, 0)], DEAD)
+    acc = accepting[keep]
+    # Classes with identical columns behave alike: merge them (fewer labels to refine on).
+    columns, inverse = np.unique(sub, axis=1, return_inverse=True)
+    class_of = np.asarray(inverse).reshape(-1)[np.asarray(class_of)]
+    tails, labels = np.nonzero(columns >= 0)
+    heads = columns[tails, labels]
+    tails, labels, heads = tails.astype(np.int64), labels.astype(np.int64), heads.astype(np.int64)
+    by_label = np.argsort(labels, kind="stable")  # numpy's sorts are much faster than numba's
+    by_head = np.argsort(heads, kind="stable")
+    head_first = np.searchsorted(heads[by_head], np.arange(keep.size + 1))
+    block = _refine(keep.size, tails, labels, by_label, by_head, head_first, acc)
+    n_blocks = int(block.max()) + 1
+    reps = np.zeros(n_blocks, dtype=np.int64)
+    reps[block] = np.arange(keep.size)  # any member represents its block
+    block_table = np.where(columns[reps] >= 0, block[np.maximum(columns[reps], 0)], DEAD).astype(np.int64)
+    order = _bfs_order(block_table, int(block[remap[start]]))  # new id -> block
+    new_id = np.full(n_blocks, DEAD, dtype=np.int32)
+    new_id[order] = np.arange(order.size, dtype=np.int32)
+    small = np.where(block_table[order] >= 0, new_id[np.maximum(block_table[order], 0)], DEAD)
+    return _freeze(small[:, class_of], acc[reps[order]], 0)
+
+
+@njit(cache=True)
+def _backward_reach(sources: np.ndarray, first: np.ndarray, accepting: np.ndarray) -> np.ndarray:
+    """States that reach an accepting one; `sources[first[q]:first[q + 1]]` are the predecessors of `q`."""
+    n = accepting.shape[0]
+    live = accepting.copy()
+    todo = np.empty(n, dtype=np.int64)
+    top = 0
+    for q in range(n):
+        if live[q]:
+            todo[top] = q
+            top += 1
+    while top > 0:
+        top -= 1
+        q = todo[top]
+        for i in range(first[q], first[q + 1]):
+            s = sources[i]
+            if not live[s]:
+                live[s] = True
+                todo[top] = s
+                top += 1
+    return live
+
+
+@njit(cache=True)
+def _bfs_order(table: np.ndarray, start: int) -> np.ndarray:
+    """States reachable from `start` in breadth-first order (rows of `table` visited in label order)."""
+    n, k = table.shape
+    seen = np.zeros(n, dtype=np.bool_)
+    order = np.empty(n, dtype=np.int64)
+    order[0] = start
+    seen[start] = True
+    size = 1
+    head = 0
+    while head < size:
+        q = order[head]
+        head += 1
+        for c in range(k):
+            t = table[q, c]
+            if t >= 0 and not seen[t]:
+                seen[t] = True
+                order[size] = t
+                size += 1
+    return order[:size]
+
+
+# Valmari & Lehtinen, "Efficient minimization of DFAs with partial transition functions" (STACS 2008): two
+# refinable partitions, of states into blocks and of transitions into cords (same label, head in one block).
+# A partition is (E: elements in block order, L: position of each element, S: set of each element,
+# F/P: first/past position of each set); M counts the marked elements of a set, W lists the touched sets.
+@njit(cache=True)
+def _mark(e, E, L, S, F, M, W, top):  # noqa: ANN001 - numba kernel
+    s = S[e]
+    i = L[e]
+    j = F[s] + M[s]
+    E[i] = E[j]
+    L[E[i]] = i
+    E[j] = e
+    L[e] = j
+    if M[s] == 0:
+        W[top[0]] = s
+        top[0] += 1
+    M[s] += 1
+
+
+@njit(cache=True)
+def _split(E, S, F, P, M, W, top, count):  # noqa: ANN001 - numba kernel
+    while top[0] > 0:
+        top[0] -= 1
+        s = W[top[0]]
+        j = F[s] + M[s]
+        if j == P[s]:
+            M[s] = 0
+            continue
+        z = count[0]
+        if M[s] <= P[s] - j:  # the marked part is the smaller one: it becomes the new set
+            F[z] = F[s]
+            P[z] = j
+            F[s] = j
+        else:
+            P[z] = P[s]
+            F[z] = j
+            P[s] = j
+        for i in range(F[z], P[z]):
+            S[E[i]] = z
+        M[s] = 0
+        M[z] = 0
+        count[0] = z + 1
+
+
+@njit(cache=True)
+def _refine(
+    n: int,
+    tails: np.ndarray,
+    labels: np.ndarray,
+    by_label: np.ndarray,
+    by_head: np.ndarray,
+    head_first: np.ndarray,
+    accepting: np.ndarray,
+) -> np.ndarray:
+    """The block (equivalence class) of each of the `n` states of a partial DFA given as transitions.
+
+    Transition `t` goes from `tails[t]` on `labels[t]`; `by_label` sorts the transitions by label, `by_head`
+    by head, and the transitions into state `q` are `by_head[head_first[q]:head_first[q + 1]]`.
+    """
+    m = tails.shape[0]
+    size = max(n, m) + 1
+    M = np.zeros(size, dtype=np.int64)
+    W = np.zeros(size, dtype=np.int64)
+    top = np.zeros(1, dtype=np.int64)
+    # Blocks: one block of all states, accepting ones first, then split off the accepting ones.
+    BE = np.empty(n, dtype=np.int64)
+    BL = np.empty(n, dtype=np.int64)
+    BS = np.zeros(n, dtype=np.int64)
+    BF = np.zeros(n + 1, dtype=np.int64)
+    BP = np.zeros(n + 1, dtype=np.int64)
+    pos = 0
+    for q in range(n):
+        if accepting[q]:
+            BE[pos] = q
+            pos += 1
+    n_acc = pos
+    for q in range(n):
+        if not accepting[q]:
+            BE[pos] = q
+            pos += 1
+    for i in range(n):
+        BL[BE[i]] = i
+    BP[0] = n
+    bcount = np.ones(1, dtype=np.int64)
+    if n_acc > 0:
+        M[0] = n_acc
+        W[0] = 0
+        top[0] = 1
+        _split(BE, BS, BF, BP, M, W, top, bcount)
+    # Cords: transitions grouped by label.
+    CE = by_label.copy()
+    CL = np.empty(m, dtype=np.int64)
+    CS = np.zeros(m, dtype=np.int64)
+    CF = np.zeros(m + 1, dtype=np.int64)
+    CP = np.zeros(m + 1, dtype=np.int64)
+    ccount = np.zeros(1, dtype=np.int64)
+    if m > 0:
+        a = labels[CE[0]]
+        for i in range(m):
+            t = CE[i]
+            if labels[t] != a:
+                a = labels[t]
+                CP[ccount[0]] = i
+                ccount[0] += 1
+                CF[ccount[0]] = i
+            CS[t] = ccount[0]
+            CL[t] = i
+        CP[ccount[0]] = m
+        ccount[0] += 1
+    b = 1
+    c = 0
+    while c < ccount[0]:
+        for i in range(CF[c], CP[c]):
+            _mark(tails[CE[i]], BE, BL, BS, BF, M, W, top)
+        _split(BE, BS, BF, BP, M, W, top, bcount)
+        c += 1
+        while b < bcount[0]:
+            for i in range(BF[b], BP[b]):
+                q = BE[i]
+                for j in range(head_first[q], head_first[q + 1]):
+                    _mark(by_head[j], CE, CL, CS, CF, M, W, top)
+            _split(CE, CS, CF, CP, M, W, top, ccount)
+            b += 1
+    return BS
+
+
+def _literals_dfa(options: Iterable[bytes], max_states: int) -> ByteDFA:
+    """Minimal DFA of a finite set of byte strings: a trie whose equal subtrees are merged bottom-up."""
+    children: list[dict[int, int]] = [{}]
+    final = [False]
+    for data in options:
+        node = 0
+        for byte in data:
+            nxt = children[node].get(byte)
+            if nxt is None:
+                nxt = len(children)
+                children.append({})
+                final.append(False)
+                children[node][byte] = nxt
+            node = nxt
+        final[node] = True
+    # Post-order: a node's signature is (final, (byte, class of child) ...); equal signatures merge.
+    canon: list[int] = [0] * len(children)
+    register: dict[tuple, int] = {}
+    rows: list[dict[int, int]] = []
+    accepting: list[bool] = []
+    stack = [(0, False)]
+    while stack:
+        node, expanded = stack.pop()
+        if not expanded:
+            stack.append((node, True))
+            stack.extend((child, False) for child in children[node].values())
+            continue
+        signature = (final[node], tuple(sorted((b, canon[c]) for b, c in children[node].items())))
+        ident = register.get(signature)
+        if ident is None:
+            if len(rows) >= max_states:
+                raise CompileLimitError(f"the options need more than max_states={max_states} DFA states")
+            ident = len(rows)
+            register[signature] = ident
+            rows.append(dict(signature[1]))
+            accepting.append(signature[0])
+        canon[node] = ident
+    table = np.full((len(rows), 256), DEAD, dtype=np.int32)
+    for s, row in enumerate(rows):
+        for byte, t in row.items():
+            table[s, byte] = t
+    # Renumber breadth-first from the start (the root's class is the last one registered).
+    return minimize(table, np.asarray(accepting), canon[0], np.arange(256))

@@ -1,0 +1,234 @@
+"""Grammar terminals: Python `re` patterns (the syntax Lark and our JSON-schema lowering emit) -> `ByteDFA`.
+
+A terminal's language is the set of strings its pattern *fully* matches (`re.fullmatch`), as UTF-8 bytes.
+The pattern is parsed with Python's own regex parser (`re._parser`), so the syntax and the Unicode meaning of
+`\\d`, `\\w`, `\\s`, `.` and case-insensitive matching are Python's; it is lowered to a byte NFA
+(`constrain.grammars.dfa.NFA`) and determinised/minimised into a `ByteDFA`.
+
+Constructs a DFA cannot express exactly raise `UnsupportedError` naming them: anchors, lookaround,
+backreferences, possessive repeats and atomic groups. Lark's `common.ESCAPED_STRING` (written with a
+lookbehind) is recognised and replaced by its exact regular equivalent.
+"""
+
+from __future__ import annotations
+
+import re
+import re._constants as C  # noqa: N812 - the module's own short name
+import _sre
+import re._casefix as _casefix
+import re._parser as sre_parse
+import sys
+from functools import lru_cache
+
+from constrain.errors import CompileLimitError, SpecError, UnsupportedError
+
+from .dfa import NFA, ByteDFA
+
+MAX_NFA_STATES = 200_000
+MAX_DFA_STATES = 20_000
+_MAXREPEAT = C.MAXREPEAT
+# Counted repeats are unrolled; past this many copies of the body the pattern is refused (never a hang).
+MAX_UNROLL = 4_000
+
+# Lark's common.lark terminals written with lookaround, mapped to exact regular equivalents.
+_KNOWN_REWRITES = {
+    r'".*?(?<!\\)(\\\\)*?"': r'"(?:[^"\\\n]|\\[^\n])*"',
+    r"(?:\".*?(?<!\\)(\\\\)*?\")": r'"(?:[^"\\\n]|\\[^\n])*"',
+}
+
+
+@lru_cache(maxsize=None)
+def _category_ranges(category: str) -> tuple[tuple[int, int], ...]:
+    """The code-point ranges that Python's `re` matches with a category escape (e.g. `\\d`, `\\w`, `\\s`)."""
+    chars = "".join(chr(c) for c in range(sys.maxunicode + 1) if not 0xD800 <= c <= 0xDFFF)
+    ranges = [(ord(m.group()[0]), ord(m.group()[-1])) for m in re.finditer(category + "+", chars)]
+    return tuple(_merge(ranges))
+
+
+def _merge(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    out: list[tuple[int, int]] = []
+    for lo, hi in sorted(ranges):
+        if out and lo <= out[-1][1] + 1:
+            out[-1] = (out[-1][0], max(out[-1][1], hi))
+        else:
+            out.append((lo, hi))
+    return out
+
+
+def _complement(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    out: list[tuple[int, int]] = []
+    nxt = 0
+    for lo, hi in _merge(ranges):
+        if lo > nxt:
+            out.append((nxt, lo - 1))
+        nxt = hi + 1
+    if nxt <= sys.maxunicode:
+        out.append((nxt, sys.maxunicode))
+    return out
+
+
+@lru_cache(maxsize=1)
+def _lower_groups() -> dict[int, tuple[int, ...]]:
+    """`re`'s simple lower-case form -> every code point with that form (only groups of two or more)."""
+    groups: dict[int, list[int]] = {}
+    for c in range(sys.maxunicode + 1):
+        groups.setdefault(_sre.unicode_tolower(c), []).append(c)
+    return {k: tuple(v) for k, v in groups.items() if len(v) > 1}
+
+
+def _case_partners(c: int) -> set[int]:
+    """The code points Python's case-insensitive `re` treats as equal to `c`: those with the same simple
+    lower-case form (as `re` computes it), plus `re`'s own extra cases (e.g. U+017F for `s`)."""
+    out = {c, *_lower_groups().get(_sre.unicode_tolower(c), ())}
+    for x in list(out):
+        out.update(_casefix._EXTRA_CASES.get(x, ()))
+    return out
+
+
+def _fold(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """Add every case partner of the code points in `ranges` (small classes only; big ones hold both cases)."""
+    size = sum(hi - lo + 1 for lo, hi in ranges)
+    if size > 20_000:
+        return ranges
+    extra = [(p, p) for lo, hi in ranges for c in range(lo, hi + 1) for p in _case_partners(c)]
+    return _merge(list(ranges) + extra)
+
+
+_CATEGORY = {
+    C.CATEGORY_DIGIT: (r"\d", False),
+    C.CATEGORY_NOT_DIGIT: (r"\d", True),
+    C.CATEGORY_SPACE: (r"\s", False),
+    C.CATEGORY_NOT_SPACE: (r"\s", True),
+    C.CATEGORY_WORD: (r"\w", False),
+    C.CATEGORY_NOT_WORD: (r"\w", True),
+}
+
+
+class _Lowering:
+    """Thompson construction from `re._parser`'s tree into a byte NFA."""
+
+    def __init__(self, pattern: str, name: str):
+        self.pattern = pattern
+        self.name = name
+        self.nfa = NFA(max_states=MAX_NFA_STATES)
+
+    def fail(self, what: str) -> UnsupportedError:
+        return UnsupportedError(f"terminal {self.name}: {what} cannot be enforced by a DFA (pattern /{self.pattern}/)")
+
+    def klass(self, items: list, flags: int) -> list[tuple[int, int]]:
+        ranges: list[tuple[int, int]] = []
+        negate = False
+        for op, av in items:
+            if op is C.NEGATE:
+                negate = True
+            elif op is C.LITERAL:
+                ranges.append((av, av))
+            elif op is C.RANGE:
+                ranges.append((av[0], av[1]))
+            elif op is C.CATEGORY:
+                ranges.extend(self.category(av, flags))
+            else:
+                raise self.fail(f"class item {op}")
+        if flags & re.IGNORECASE:
+            ranges = _fold(ranges)
+        ranges = _merge(ranges)
+        return _complement(ranges) if negate else ranges
+
+    def category(self, cat: object, flags: int) -> list[tuple[int, int]]:
+        if cat not in _CATEGORY:
+            raise self.fail(f"category {cat}")
+        escape, negated = _CATEGORY[cat]
+        if flags & re.ASCII:
+            base = [(lo, hi) for lo, hi in _category_ranges(escape) if lo < 128]
+            base = [(lo, min(hi, 127)) for lo, hi in base]
+        else:
+            base = list(_category_ranges(escape))
+        return _complement(base) if negated else base
+
+    def seq(self, items: list, flags: int, src: int) -> int:
+        """Lower a sequence starting at NFA state `src`; returns its end state."""
+        for op, av in items:
+            src = self.one(op, av, flags, src)
+        return src
+
+    def edge(self, src: int, ranges: list[tuple[int, int]]) -> int:
+        dst = self.nfa.add_state()
+        if ranges:
+            self.nfa.add_codepoints(src, ranges, dst)
+        return dst
+
+    def one(self, op: object, av: object, flags: int, src: int) -> int:
+        nfa = self.nfa
+        if op is C.LITERAL:
+            ranges = [(av, av)]
+            return self.edge(src, _fold(ranges) if flags & re.IGNORECASE else ranges)
+        if op is C.NOT_LITERAL:
+            ranges = _fold([(av, av)]) if flags & re.IGNORECASE else [(av, av)]
+            return self.edge(src, _complement(ranges))
+        if op is C.ANY:
+            return self.edge(src, [(0, sys.maxunicode)] if flags & re.DOTALL else _complement([(10, 10)]))
+        if op is C.IN:
+            return self.edge(src, self.klass(av, flags))
+        if op is C.BRANCH:
+            end = nfa.add_state()
+            for alt in av[1]:
+                start = nfa.add_state()
+                nfa.add_epsilon(src, start)
+                nfa.add_epsilon(self.seq(alt, flags, start), end)
+            return end
+        if op is C.SUBPATTERN:
+            _group, add, remove, body = av
+            return self.seq(body, (flags | add) & ~remove, src)
+        if op in (C.MAX_REPEAT, C.MIN_REPEAT):  # laziness does not change the fullmatch language
+            lo, hi, body = av
+            if lo > MAX_UNROLL or (hi is not _MAXREPEAT and hi > MAX_UNROLL):
+                raise CompileLimitError(
+                    f"terminal {self.name}: counted repeat {{{lo},{hi}}} exceeds {MAX_UNROLL} (pattern /{self.pattern}/)"
+                )
+            for _ in range(lo):
+                src = self.seq(body, flags, src)
+            if hi is _MAXREPEAT:
+                loop = nfa.add_state()
+                nfa.add_epsilon(src, loop)
+                back = self.seq(body, flags, loop)
+                nfa.add_epsilon(back, loop)
+                return loop
+            end = nfa.add_state()
+            nfa.add_epsilon(src, end)
+            for _ in range(hi - lo):
+                src = self.seq(body, flags, src)
+                nfa.add_epsilon(src, end)
+            return end
+        names = {
+            C.AT: "an anchor",
+            C.ASSERT: "a lookaround",
+            C.ASSERT_NOT: "a negative lookaround",
+            C.GROUPREF: "a backreference",
+            C.GROUPREF_EXISTS: "a conditional group",
+        }
+        raise self.fail(names.get(op, f"the construct {op}"))
+
+
+@lru_cache(maxsize=4096)
+def pattern_dfa(pattern: str, flags: int = 0, name: str = "?") -> ByteDFA:
+    """The minimal `ByteDFA` of the strings `pattern` fully matches (Python `re` syntax and flags).
+
+    Raises:
+        SpecError: the pattern does not parse (the message gives the position).
+        UnsupportedError: anchors, lookaround, backreferences, possessive repeats or atomic groups.
+        CompileLimitError: the automaton would exceed `MAX_NFA_STATES` / `MAX_DFA_STATES`.
+    """
+    pattern = _KNOWN_REWRITES.get(pattern, pattern)
+    try:
+        tree = sre_parse.parse(pattern, flags)
+    except re.error as exc:
+        raise SpecError(f"terminal {name}: bad regex: {exc.msg}", source=pattern, position=exc.pos) from exc
+    low = _Lowering(pattern, name)
+    start = low.nfa.add_state()
+    end = low.seq(list(tree), tree.state.flags, start)
+    return ByteDFA.from_nfa(low.nfa, start, end, max_states=MAX_DFA_STATES)
+
+
+def literal_dfa(text: str, ignore_case: bool = False, name: str = "?") -> ByteDFA:
+    """The DFA of one literal string (case-insensitively with `ignore_case`)."""
+    return pattern_dfa(re.escape(text), re.IGNORECASE if ignore_case else 0, name)
