@@ -238,6 +238,7 @@ _ROW_OK, _ROW_EMPTY, _ROW_EOS_ONLY = 0, 1, 2
 class _MaskFiller:
     """Fills the step's bitmask from the matchers and classifies constrained rows (empty / EOS only).
 
+    Mask row `j` belongs to the `j`-th live row of the model's batch (rows that ended are dropped from it).
     On CUDA the host buffer is pinned and copied to the device on a side stream, so the copy overlaps the
     forward; the main thread makes its stream wait for the copy before sampling. One buffer suffices: each
     step reads the sampled tokens back to the host, which waits for every use of the previous mask.
@@ -247,34 +248,37 @@ class _MaskFiller:
         self.matchers = matchers
         self.vocab = vocab
         self.cuda = device.type == "cuda"
-        batch = len(matchers)
-        self.host = allocate_bitmask(batch, vocab.vocab_size, pin_memory=self.cuda)
+        self.host = allocate_bitmask(len(matchers), vocab.vocab_size, pin_memory=self.cuda)
         self.host_np = self.host.numpy().view(np.uint32)
         self.device_mask = self.host.to(device) if self.cuda else self.host
         self.stream = torch.cuda.Stream(device) if self.cuda else None
         self.copied = torch.cuda.Event() if self.cuda else None
+        self.live = 0
         eos = np.zeros(bitmask_words(vocab.vocab_size), dtype=np.uint32)
         for t in vocab.eos_ids:
             eos[t >> 5] |= np.uint32(1 << (t & 31))
         self.not_eos = ~eos
-        self.constrained = [i for i, m in enumerate(matchers) if m is not None]
 
-    def fill(self, active: list[bool]) -> list[int]:
-        """Fill every row (ended rows get the unconstrained mask, so the sampler never sees them empty);
-        return a status per row. Runs in the worker thread when overlapping."""
-        for i, matcher in enumerate(self.matchers):
+    def fill(self, live: list[int], active: list[bool]) -> list[int]:
+        """Fill mask row `j` for row `live[j]` and return a status per live row. A row that has ended but is
+        still in the batch gets the unconstrained mask, so the sampler never sees it empty. Runs in the
+        worker thread when overlapping."""
+        self.live = len(live)
+        constrained = []
+        for j, i in enumerate(live):
+            matcher = self.matchers[i]
             if matcher is None or not active[i]:
-                fill_unconstrained(self.host, i, self.vocab)
+                fill_unconstrained(self.host, j, self.vocab)
             else:
-                matcher.fill_bitmask(self.host, i)
-        status = [_ROW_OK] * len(self.matchers)
-        rows = [i for i in self.constrained if active[i]]
-        if rows:
-            for i, row_status in zip(rows, self._classify(self.host_np[rows]), strict=True):
-                status[i] = row_status
+                matcher.fill_bitmask(self.host, j)
+                constrained.append(j)
+        status = [_ROW_OK] * len(live)
+        if constrained:
+            for j, row_status in zip(constrained, self._classify(self.host_np[constrained]), strict=True):
+                status[j] = row_status
         if self.cuda:
             with torch.cuda.stream(self.stream), torch.inference_mode():
-                self.device_mask.copy_(self.host, non_blocking=True)
+                self.device_mask[: self.live].copy_(self.host[: self.live], non_blocking=True)
                 self.copied.record(self.stream)
         return status
 
@@ -296,7 +300,7 @@ class _MaskFiller:
         """The mask for sampling, on the model's device (makes the current stream wait for the copy)."""
         if self.cuda:
             torch.cuda.current_stream().wait_event(self.copied)
-        return self.device_mask
+        return self.device_mask[: self.live]
 
 
 class _Row:
@@ -308,7 +312,6 @@ class _Row:
         self.logprobs: list[float] = []
         self.pieces: list[str] = []
         self.utf8 = Utf8Stream()
-        self.active = True
 
     def add(self, token: int, logprob: float, data: bytes) -> str:
         self.tokens.append(token)
@@ -318,7 +321,6 @@ class _Row:
         return text
 
     def finish(self, reason: str) -> tuple[str, Generation]:
-        self.active = False
         rest = self.utf8.close()
         self.pieces.append(rest)
         generation = Generation(
@@ -394,6 +396,7 @@ def generate_stream(
 
     rows = [_Row(len(ids)) for ids in encoded]
     active = [True] * batch
+    live = list(range(batch))  # the original rows still in the model's batch, in batch order
     filler = _MaskFiller(matchers, vocab, device)
     generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
     eos_ids = vocab.eos_ids
@@ -410,8 +413,8 @@ def generate_stream(
     with torch.inference_mode(), ThreadPoolExecutor(1, thread_name_prefix="constrain-mask") as pool:
 
         def launch_fill() -> Future | _Immediate:
-            snapshot = list(active)
-            return pool.submit(filler.fill, snapshot) if overlap else _Immediate(filler.fill(snapshot))
+            args = (list(live), list(active))
+            return pool.submit(filler.fill, *args) if overlap else _Immediate(filler.fill(*args))
 
         pending = launch_fill()  # the first mask is filled while the prompt runs
         extra = {"logits_to_keep": 1} if keep_last else {}
@@ -428,10 +431,10 @@ def generate_stream(
         for step in range(max_new_tokens):
             status = pending.result()
             ended: list[StreamEvent] = []
-            for i in range(batch):
-                if active[i] and status[i] == _ROW_EMPTY:
+            for j, i in enumerate(live):
+                if active[i] and status[j] == _ROW_EMPTY:
                     ended.append(finish(i, "no_allowed_token"))
-                elif active[i] and status[i] == _ROW_EOS_ONLY:
+                elif active[i] and status[j] == _ROW_EOS_ONLY:
                     ended.append(finish(i, "constraint_complete"))
             yield from ended
             if not any(active):
@@ -450,10 +453,10 @@ def generate_stream(
             tokens_list = tokens.tolist()
             logprobs_list = logprobs.float().tolist()
             events: list[StreamEvent] = []
-            for i in range(batch):
+            for j, i in enumerate(live):
                 if not active[i]:
                     continue
-                token = tokens_list[i]
+                token = tokens_list[j]
                 if token < 0:  # only reachable if a matcher's mask and status disagree; end the row honestly
                     events.append(finish(i, "no_allowed_token"))
                     continue
@@ -464,8 +467,8 @@ def generate_stream(
                         "allowed but accept() rejected (a matcher bug)"
                     )
                 data = token_bytes[token] if token < n_tokens and token not in special else b""
-                text = rows[i].add(token, logprobs_list[i], data)
-                events.append(StreamEvent(row=i, text=text, token_id=token, logprob=logprobs_list[i]))
+                text = rows[i].add(token, logprobs_list[j], data)
+                events.append(StreamEvent(row=i, text=text, token_id=token, logprob=logprobs_list[j]))
                 if token in eos_ids and (matcher is not None or stop_at_eos):
                     events.append(finish(i, "eos"))
                 elif len(rows[i].tokens) >= max_new_tokens:
@@ -475,14 +478,20 @@ def generate_stream(
             yield from events
             if not any(active):
                 break
+            feed = [tokens_list[j] if active[i] else pad_id for j, i in enumerate(live)]
+            keep = [j for j, i in enumerate(live) if active[i]]
+            if len(keep) < len(live) and hasattr(cache, "batch_select_indices"):
+                # Drop ended rows from the batch (KV cache included) so the forward stops paying for them.
+                index = torch.tensor(keep, device=device)
+                cache.batch_select_indices(index)
+                attention, next_position = attention[index], next_position[index]
+                live = [live[j] for j in keep]
+                feed = [feed[j] for j in keep]
             # Overlap: the worker fills the next mask while this thread runs the forward.
             pending = launch_fill()
-            feed = torch.tensor(
-                [t if active[i] and t >= 0 else pad_id for i, t in enumerate(tokens_list)], dtype=torch.long
-            )
-            attention = torch.cat([attention, attention.new_ones((batch, 1))], dim=-1)
+            attention = torch.cat([attention, attention.new_ones((len(live), 1))], dim=-1)
             out = model(
-                input_ids=feed.view(batch, 1).to(device),
+                input_ids=torch.tensor(feed, dtype=torch.long).view(len(live), 1).to(device),
                 attention_mask=attention,
                 position_ids=next_position,
                 past_key_values=cache,

@@ -138,12 +138,12 @@ def _check_seeds(seeds: object, generator: object, num_rows: int, device: torch.
 
 def _check_finite_rows(logits: Tensor, indices: Tensor | None) -> None:
     """Raise `ConstraintError` if a logits row that is sampled from holds NaN or +inf (-inf is allowed)."""
-    rows = logits if indices is None else logits[torch.unique(indices)]
+    used = None if indices is None else torch.unique(indices)
+    rows = logits if used is None else logits[used]
     bad = torch.isnan(rows) | torch.isposinf(rows)
     if bool(bad.any()):
         row, token = (int(v) for v in bad.nonzero()[0])
-        if indices is not None:
-            row = int(torch.unique(indices)[row])
+        row = row if used is None else int(used[row])
         value = logits[row, token].item()
         raise ConstraintError(f"logits[{row}, {token}] is {value}: logits must be finite or -inf")
 

@@ -7,17 +7,17 @@ The pipeline (see docs/regex.md):
         --minimize (trim dead states, Hopcroft)--> ByteDFA (n_states, 256) int32, -1 = dead
 
 Every state of a `ByteDFA` can still reach an accepting state, so "state >= 0" means "still viable".
-Surrogate code points (U+D800..U+DFFF) have no UTF-8 encoding and are dropped; invalid UTF-8 is never accepted.
+Surrogates (U+D800..U+DFFF) have no UTF-8 encoding and are dropped; invalid UTF-8 is never accepted.
 """
 
 from __future__ import annotations
 
+from bisect import bisect_left
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from functools import cached_property, lru_cache
 
 import numpy as np
-
 from numba import njit
 
 from constrain.errors import CompileLimitError
@@ -32,7 +32,7 @@ ByteRange = tuple[int, int]  # inclusive (lo, hi), 0 <= lo <= hi <= 255
 
 # -- UTF-8 lowering (the utf8-ranges algorithm of Rust's regex-syntax) -------------------------------------
 def _utf8_split(lo: int, hi: int, out: list[tuple[ByteRange, ...]]) -> None:
-    """Append the byte-range sequences matching exactly the UTF-8 encodings of code points lo..hi (no surrogates)."""
+    """Append the byte-range sequences of the UTF-8 encodings of code points lo..hi (no surrogates)."""
     stack = [(lo, hi)]
     while stack:
         lo, hi = stack.pop()
@@ -89,35 +89,42 @@ _SRC, _DST = -2, -1  # template placeholders for the edge's source and destinati
 
 @lru_cache(maxsize=1024)
 def _utf8_template(ranges: tuple[tuple[int, int], ...]) -> tuple[int, tuple[tuple[int, int, int, int], ...]]:
-    """The byte automaton reading one code point of `ranges`: (number of inner states, edges).
+    """The minimal byte automaton reading one code point of `ranges`: (number of inner states, edges).
 
     Edges are `(from, lo, hi, to)` with inner states numbered from 0, `_SRC` for the source and `_DST` for the
-    destination. Inner (continuation) states are shared by suffix: the state that reads bytes lo..hi and then
-    is at state t is built once, which keeps large classes such as Unicode `\\w` to a few hundred states.
+    destination. Built once per class (Unicode `\\w`: 308 inner states) and copied for every occurrence.
     """
+    sequences = utf8_sequences(ranges)
+    if not sequences:
+        return 0, ()
+    # The byte sequences as a trie-shaped NFA (continuation states shared by suffix), made minimal.
+    nfa = NFA()
+    src, dst = nfa.add_state(), nfa.add_state()
     suffix: dict[tuple[int, int, int], int] = {}
-    edges: list[tuple[int, int, int, int]] = []
-    first: list[tuple[int, int, int]] = []
-    for seq in utf8_sequences(ranges):
-        target = _DST
+    for seq in sequences:
+        target = dst
         for lo, hi in reversed(seq[1:]):
-            key = (lo, hi, target)
-            state = suffix.get(key)
+            state = suffix.get((lo, hi, target))
             if state is None:
-                state = len(suffix)
-                suffix[key] = state
-                edges.append((state, lo, hi, target))
+                state = suffix[(lo, hi, target)] = nfa.add_state()
+                nfa.add_bytes(state, lo, hi, target)
             target = state
-        first.append((seq[0][0], seq[0][1], target))
-    first.sort()
-    merged: list[tuple[int, int, int]] = []
-    for lo, hi, target in first:  # merge adjacent lead-byte ranges that go to the same state
-        if merged and merged[-1][2] == target and merged[-1][1] + 1 == lo:
-            merged[-1] = (merged[-1][0], hi, target)
-        else:
-            merged.append((lo, hi, target))
-    edges.extend((_SRC, lo, hi, target) for lo, hi, target in merged)
-    return len(suffix), tuple(edges)
+        nfa.add_bytes(src, seq[0][0], seq[0][1], target)
+    dfa = ByteDFA.from_nfa(nfa, src, dst, max_states=1_000_000)
+    # One code point is read, then nothing more: the only accepting state is the (edgeless) destination.
+    (final,) = np.flatnonzero(dfa.accepting)
+    name = {0: _SRC, int(final): _DST}
+    for q in range(dfa.n_states):
+        name.setdefault(q, len(name) - 2)
+    edges = []
+    for q, row in enumerate(dfa.transitions.tolist()):
+        lo = 0
+        for b in range(1, 257):  # runs of equal targets
+            if b == 256 or row[b] != row[lo]:
+                if row[lo] >= 0:
+                    edges.append((name[q], lo, b - 1, name[row[lo]]))
+                lo = b
+    return dfa.n_states - 2, tuple(edges)
 
 
 # -- NFA ---------------------------------------------------------------------------------------------------
@@ -136,13 +143,16 @@ class NFA:
     def n_states(self) -> int:
         return len(self.eps)
 
-    def add_state(self) -> int:
-        """A new state with no edges; raises `CompileLimitError` past `max_states`."""
-        if len(self.eps) >= self.max_states:
+    def _check_room(self, n: int) -> None:
+        if len(self.eps) + n > self.max_states:
             raise CompileLimitError(
                 f"the pattern needs more than {self.max_states} NFA states (large counted repeats?); "
                 "simplify it or raise max_states"
             )
+
+    def add_state(self) -> int:
+        """A new state with no edges; raises `CompileLimitError` past `max_states`."""
+        self._check_room(1)
         self.eps.append([])
         self.edges.append([])
         return len(self.eps) - 1
@@ -157,9 +167,8 @@ class NFA:
     def add_codepoints(self, src: int, ranges: Sequence[tuple[int, int]], dst: int) -> None:
         """Edges from `src` to `dst` reading the UTF-8 encoding of one code point in `ranges` (inclusive)."""
         n_local, edges = _utf8_template(tuple(ranges))
+        self._check_room(n_local)
         base = len(self.eps)
-        if base + n_local > self.max_states:
-            self.add_state()  # raises CompileLimitError with the message
         self.eps.extend([] for _ in range(n_local))
         self.edges.extend([] for _ in range(n_local))
         for s, lo, hi, t in edges:
@@ -282,8 +291,10 @@ def _byte_classes(nfa: NFA) -> np.ndarray:
     return np.cumsum(bounds[:256]) - 1
 
 
-def _determinize(nfa: NFA, start: int, accept: int, max_states: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Subset construction over byte classes: (table (n, k) int32 with -1, accepting (n,), class_of (256,))."""
+def _determinize(
+    nfa: NFA, start: int, accept: int, max_states: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Subset construction on byte classes: table (n, k) int32 (-1: none), accepting (n,), class_of (256,)."""
     class_of = _byte_classes(nfa)
     k = int(class_of[-1]) + 1
     cls = class_of.tolist()
@@ -318,22 +329,25 @@ def _determinize(nfa: NFA, start: int, accept: int, max_states: int) -> tuple[np
     rows: list[list[int]] = []
     i = 0
     while i < len(sets):
-        moves: dict[int, set[int]] = {}
-        for s in sets[i]:
-            for clo, chi, t in cedges[s]:
-                for c in range(clo, chi + 1):
-                    targets = moves.get(c)
-                    if targets is None:
-                        moves[c] = {t}
-                    else:
-                        targets.add(t)
+        edges = [e for s in sets[i] for e in cedges[s]]
         row = [DEAD] * k
-        for c, raw in moves.items():
-            key = frozenset(raw)
-            closed = move_cache.get(key)
-            if closed is None:
-                closed = frozenset().union(*(closure(t) for t in raw))
-                move_cache[key] = closed
+        # Cut the class axis at every edge end; each piece moves to one set of NFA states.
+        cuts = sorted({c for lo, hi, _ in edges for c in (lo, hi + 1)})
+        pieces: list[set[int]] = [set() for _ in cuts]
+        for lo, hi, t in edges:
+            for p in range(bisect_left(cuts, lo), bisect_left(cuts, hi + 1)):
+                pieces[p].add(t)
+        for p, raw in enumerate(pieces):
+            if not raw:
+                continue
+            if len(raw) == 1:
+                closed = closure(next(iter(raw)))
+            else:
+                key = frozenset(raw)
+                closed = move_cache.get(key)
+                if closed is None:
+                    closed = frozenset().union(*(closure(t) for t in raw))
+                    move_cache[key] = closed
             j = ids.get(closed)
             if j is None:
                 if len(sets) >= max_states:
@@ -344,7 +358,7 @@ def _determinize(nfa: NFA, start: int, accept: int, max_states: int) -> tuple[np
                 j = len(sets)
                 ids[closed] = j
                 sets.append(closed)
-            row[c] = j
+            row[cuts[p] : cuts[p + 1]] = [j] * (cuts[p + 1] - cuts[p])
         rows.append(row)
         i += 1
     accepting = np.fromiter((accept in s for s in sets), dtype=bool, count=len(sets))

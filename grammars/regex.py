@@ -194,7 +194,12 @@ def _constructs(pattern: str, verbose: bool) -> list[tuple[int, int, str]]:
                     verbose = False
                 i = flag_group.end()
                 continue
-            kinds = {"?=": "lookahead", "?!": "negative lookahead", "?>": "atomic group", "?(": "conditional group"}
+            kinds = {
+                "?=": "lookahead",
+                "?!": "negative lookahead",
+                "?>": "atomic group",
+                "?(": "conditional group",
+            }
             if rest[:2] in kinds:
                 out.append((i, 2 + 1, kinds[rest[:2]]))
                 if rest[:2] == "?(":  # skip the condition "(name)" so its ")" closes nothing
@@ -230,7 +235,9 @@ def _constructs(pattern: str, verbose: bool) -> list[tuple[int, int, str]]:
 
 def _unsupported(pattern: str, verbose: bool, kind: str, what: str) -> UnsupportedError:
     position = next((pos for pos, _, k in _constructs(pattern, verbose) if k == kind), None)
-    return UnsupportedError(f"{what} is not supported in a regex constraint", source=pattern, position=position)
+    return UnsupportedError(
+        f"{what} is not supported in a regex constraint", source=pattern, position=position
+    )
 
 
 # -- Thompson construction from the parse tree ---------------------------------------------------------
@@ -284,7 +291,7 @@ class _Thompson:
         if op == _sre.GROUPREF:
             return self.refuse("backreference", "a backreference (\\N or (?P=name))")
         if op in (_sre.ASSERT, _sre.ASSERT_NOT):
-            kind = ("lookahead" if av[0] == 1 else "lookbehind")
+            kind = "lookahead" if av[0] == 1 else "lookbehind"
             if op == _sre.ASSERT_NOT:
                 kind = "negative " + kind
             return self.refuse(kind, f"a {kind} assertion")
@@ -379,7 +386,11 @@ def _build(pattern: str, flags: int, max_nfa_states: int) -> tuple[NFA, int, int
 
 def _misplaced_anchor_position(pattern: str, flags: int, verbose: bool, max_nfa_states: int) -> int | None:
     """The position of the first anchor that is misplaced on its own (the others replaced by `(?:)`)."""
-    anchors = [(pos, length) for pos, length, kind in _constructs(pattern, verbose) if kind in ("^", "$", "\\A", "\\Z")]
+    anchors = [
+        (pos, length)
+        for pos, length, kind in _constructs(pattern, verbose)
+        if kind in ("^", "$", "\\A", "\\Z")
+    ]
     for pos, _ in anchors:
         text = pattern
         for other, length in reversed(anchors):
@@ -396,7 +407,7 @@ def _misplaced_anchor_position(pattern: str, flags: int, verbose: bool, max_nfa_
 
 @lru_cache(maxsize=256)
 def compile_dfa(pattern: str, flags: int = 0, max_states: int = DEFAULT_MAX_STATES) -> ByteDFA:
-    """Compile a Python-syntax regex to the minimal `ByteDFA` of `re.fullmatch(pattern, text, flags)` over UTF-8.
+    """Compile a Python regex to the minimal `ByteDFA` of `re.fullmatch(pattern, text, flags)` on UTF-8.
 
     Cached per `(pattern, flags, max_states)`; the result is immutable and shared.
 
@@ -417,7 +428,9 @@ def compile_dfa(pattern: str, flags: int = 0, max_states: int = DEFAULT_MAX_STAT
             where = "very start" if edge == "begin" else "very end"
             position = _misplaced_anchor_position(pattern, flags, builder.verbose, max_nfa)
             raise UnsupportedError(
-                f"the anchor {text} is only supported at the {where} of the pattern", source=pattern, position=position
+                f"the anchor {text} is only supported at the {where} of the pattern",
+                source=pattern,
+                position=position,
             )
         return ByteDFA.from_nfa(nfa, start, accept, max_states=max_states)
     except RecursionError:

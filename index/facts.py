@@ -59,7 +59,9 @@ def read_triples(path: str | os.PathLike, *, fmt: str | None = None) -> Iterator
     file = Path(path)
     kind = fmt or _FORMATS.get(file.suffix.lower())
     if kind not in ("tsv", "csv", "jsonl"):
-        raise FactFileError(f"{file}: unknown fact file format {fmt or file.suffix!r} (use tsv, csv or jsonl)")
+        raise FactFileError(
+            f"{file}: unknown fact file format {fmt or file.suffix!r} (use tsv, csv or jsonl)"
+        )
     try:
         f = open(file, encoding="utf-8", newline="")
     except OSError as exc:
@@ -117,7 +119,9 @@ def _read_jsonl(file: Path, f: Any) -> Iterator[Triple]:
         elif isinstance(item, list) and len(item) == 3:
             values = item
         else:
-            raise FactFileError(f"{file}:{line_no}: expected an object with {list(FIELDS)} or a list of 3 values")
+            raise FactFileError(
+                f"{file}:{line_no}: expected an object with {list(FIELDS)} or a list of 3 values"
+            )
         yield _triple(file, line_no, values)
 
 
@@ -125,7 +129,9 @@ def _triple(file: Path, line: int, values: list[Any]) -> Triple:
     cleaned = []
     for name, value in zip(FIELDS, values, strict=True):
         if isinstance(value, bool) or not isinstance(value, str | int | float):
-            raise FactFileError(f"{file}:{line}: {name} must be a string or number, got {type(value).__name__}")
+            raise FactFileError(
+                f"{file}:{line}: {name} must be a string or number, got {type(value).__name__}"
+            )
         text = str(value).strip()
         if not text:
             raise FactFileError(f"{file}:{line}: empty {name}")
@@ -145,8 +151,10 @@ def check_template(template: str) -> str:
     fields = [name for _, name, spec, conv in parsed if name is not None]
     for _, name, spec, conv in parsed:
         if name is not None and (name not in FIELDS or spec or conv):
-            raise SpecError(f"fact template {template!r}: unknown field {{{name}}} (use {{subject}}, {{relation}}, "
-                            "{object} without format specs)")
+            raise SpecError(
+                f"fact template {template!r}: unknown field {{{name}}} (use {{subject}}, {{relation}}, "
+                "{object} without format specs)"
+            )
     missing = [name for name in FIELDS if name not in fields]
     if missing:
         raise SpecError(f"fact template {template!r}: missing field(s) {missing}")
@@ -198,7 +206,9 @@ def encode_fact_texts(
                 got = b""
             if got != target.encode("utf-8") or not special.isdisjoint(ids):
                 mode = "with a leading space" if leading_space else "without a leading space"
-                shown = vocab.decode_bytes([i for i in ids if i < vocab.vocab_size]).decode("utf-8", "replace")
+                shown = vocab.decode_bytes([i for i in ids if i < vocab.vocab_size]).decode(
+                    "utf-8", "replace"
+                )
                 raise ConstraintError(
                     f"fact {text!r}: the tokenizer {vocab.name!r} does not encode it {mode} exactly "
                     f"(its tokens {list(ids)[:12]} spell {shown!r})"
@@ -342,7 +352,10 @@ def _official_name(code: str) -> str | None:
     return getattr(country, "official_name", None)
 
 
-SOURCES: dict[str, Callable[[], Iterator[Triple]]] = {"airports": airport_triples, "countries": country_triples}
+SOURCES: dict[str, Callable[[], Iterator[Triple]]] = {
+    "airports": airport_triples,
+    "countries": country_triples,
+}
 
 
 def source_triples(name: str) -> Iterator[Triple]:

@@ -83,6 +83,8 @@ class FMIndex:
         self.text_length = int(self.doc_starts[-1])  # len(T), separators included
         self.n_rows = self.text_length + 1
         self.n_tokens = self.text_length - self.n_documents - 1
+        # token id -> symbol, for the per-token `accept` path (numpy's scalar searchsorted costs microseconds)
+        self._symbol_of = {int(t): i + FIRST_TOKEN_SYMBOL for i, t in enumerate(self.tokens.tolist())}
 
     # -- construction ------------------------------------------------------------------------------------
     @classmethod
@@ -145,7 +147,7 @@ class FMIndex:
             "doc_starts": doc_starts,
         }
         digest = hashlib.sha256(f"{FORMAT_VERSION}|{vocab_size}|{sample_rate}|".encode())
-        digest.update(forward.astype("<i8").tobytes())
+        digest.update(tokens.astype("<i8").tobytes() + b"|" + forward.astype("<i8").tobytes())
         if sentence_starts is not None:
             positions = _sentence_positions(sentence_starts, docs, doc_starts)
             text = np.append(forward, SENTINEL)
@@ -176,8 +178,7 @@ class FMIndex:
         token = int(token)
         if not 0 <= token < self.vocab_size:
             raise TokenOutOfRangeError(f"token id {token} out of range [0, {self.vocab_size}) for the FM-index")
-        i = int(np.searchsorted(self.tokens, token))
-        return i + FIRST_TOKEN_SYMBOL if i < self.tokens.shape[0] and int(self.tokens[i]) == token else -1
+        return self._symbol_of.get(token, -1)
 
     def start_range(self, start: StartMode = "any") -> tuple[int, int]:
         """The range that stands for the empty span: rows of the FM-index (any, document), or entries of the

@@ -206,7 +206,7 @@ def fill_sparse(text, starts, tokens, lo, hi, depth, allowed, min_tokens, room, 
         last = k
         while last + step < hi and text[starts[last + step] + depth] == symbol:
             last += step
-            step <<= 1
+            step <<= 2
         end = _upper_bound(text, starts, last + 1, min(last + step, hi), depth, symbol)
         if symbol >= 2:
             token = tokens[symbol - 2]

@@ -2,8 +2,8 @@
 SHA-256 checksums, metadata), written atomically and memory-mapped on load.
 
     kb/
-      header.json          {"format": "constrain.trie", "version": 1, "build_id": ..., "arrays": {...}, "meta": {...}}
-      labels.npy           one plain .npy file per array (no pickle), mapped with np.load(mmap_mode="r")
+      header.json    {"format": "constrain.trie", "version": 1, "build_id", "arrays": {...}, "meta": {...}}
+      labels.npy     one plain .npy file per array (no pickle), mapped with np.load(mmap_mode="r")
       ...
 
 Writing (`FileSetWriter`): arrays go into a hidden temporary sibling folder `.kb.tmp-<id>/`; `commit()` fsyncs
@@ -41,7 +41,7 @@ _HASH_BLOCK = 8 << 20
 
 @dataclass
 class FileSet:
-    """A loaded file set: its folder, parsed header, and arrays (read-only memory maps, or in-memory copies)."""
+    """A loaded file set: its folder, parsed header and arrays (read-only memory maps or in-memory copies)."""
 
     path: Path
     header: dict[str, Any]
@@ -79,8 +79,17 @@ class FileSetWriter:
     temporary folder. Raises `ConstraintError` if `out` exists and `overwrite` is False.
     """
 
-    def __init__(self, out: str | os.PathLike, *, kind: str, version: int, overwrite: bool = False):
+    def __init__(
+        self,
+        out: str | os.PathLike,
+        *,
+        kind: str,
+        version: int,
+        overwrite: bool = False,
+        durable: bool = True,
+    ):
         self.out = Path(out)
+        self.durable = durable  # fsync before the rename (off only for throw-away folders)
         self.kind = kind
         self.version = version
         self.overwrite = overwrite
@@ -125,7 +134,7 @@ class FileSetWriter:
         np.save(self._file(name), np.ascontiguousarray(array), allow_pickle=False)
 
     def open_array(self, name: str, dtype: Any, shape: tuple[int, ...]) -> np.ndarray:
-        """A writable memory map for `<name>.npy` of the given dtype and shape, to fill in place (large arrays)."""
+        """A writable memory map for `<name>.npy` of this dtype and shape, to fill in place (large arrays)."""
         return np.lib.format.open_memmap(self._file(name), mode="w+", dtype=dtype, shape=shape)
 
     def commit(self, meta: Mapping[str, Any]) -> FileSet:
@@ -138,8 +147,9 @@ class FileSetWriter:
         arrays: dict[str, Any] = {}
         for name, filename in self._arrays.items():
             path = self.tmp / filename
-            with open(path, "rb+") as f:
-                os.fsync(f.fileno())
+            if self.durable:
+                with open(path, "rb+") as f:
+                    os.fsync(f.fileno())
             descr, shape = npy_header(path)
             arrays[name] = {
                 "file": filename,
@@ -157,8 +167,9 @@ class FileSetWriter:
         }
         header_path = self.tmp / HEADER_NAME
         header_path.write_text(json.dumps(header, indent=1, sort_keys=True))
-        with open(header_path, "rb+") as f:
-            os.fsync(f.fileno())
+        if self.durable:
+            with open(header_path, "rb+") as f:
+                os.fsync(f.fileno())
         self._check_target()
         old = None
         if self.out.exists():
@@ -231,7 +242,9 @@ def load_file_set(
             raise IndexFormatError(f"{file}: missing")
         size = file.stat().st_size
         if size != spec["bytes"]:
-            raise IndexFormatError(f"{file}: {size} bytes, the header records {spec['bytes']} (truncated or replaced)")
+            raise IndexFormatError(
+                f"{file}: {size} bytes, the header records {spec['bytes']} (truncated or replaced)"
+            )
         total += size
     if verify or (verify is None and total <= VERIFY_ON_LOAD_BYTES):
         verify_checksums(folder, header)
@@ -249,7 +262,9 @@ def verify_checksums(path: str | os.PathLike, header: dict[str, Any]) -> None:
         except OSError as exc:
             raise IndexFormatError(f"{file}: unreadable ({exc})") from exc
         if digest != spec["sha256"]:
-            raise IndexFormatError(f"{file}: checksum mismatch (sha256 {digest[:16]}..., header {spec['sha256'][:16]}...)")
+            raise IndexFormatError(
+                f"{file}: checksum mismatch (sha256 {digest[:16]}..., header {spec['sha256'][:16]}...)"
+            )
 
 
 def npy_header(file: Path) -> tuple[str, tuple[int, ...]]:
@@ -274,7 +289,9 @@ def npy_header(file: Path) -> tuple[str, tuple[int, ...]]:
 def _open_array(file: Path, spec: dict[str, Any], mmap: bool) -> np.ndarray:
     descr, shape = npy_header(file)
     if descr != spec["dtype"] or list(shape) != list(spec["shape"]):
-        raise IndexFormatError(f"{file}: holds {descr} {list(shape)}, the header records {spec['dtype']} {spec['shape']}")
+        raise IndexFormatError(
+            f"{file}: holds {descr} {list(shape)}, the header records {spec['dtype']} {spec['shape']}"
+        )
     expected = np.dtype(descr).itemsize * int(np.prod(shape, dtype=np.int64))
     try:
         array = np.load(file, mmap_mode="r" if mmap and expected else None, allow_pickle=False)

@@ -8,19 +8,19 @@ contiguous range of node ids and need no child-pointer array (see docs/trie.md):
                             kids   = range(child_start[c], child_start[c + 1])     sorted by first label token
                             leaf_count[c] = facts at or below c;  terminal[c] = 1 if a fact ends at c
 
-A position in the trie (an uncompressed trie node) is the pair (c, k): k tokens of c's label consumed. It is
-packed into one int, `node = c << 32 | k`; the root is 0. A fact ends at a node (no terminator token is stored):
-the matcher allows EOS there, and also the children if the fact is a prefix of longer ones.
+A position in the trie (an uncompressed trie node) is the pair (c, k): k tokens of c's label consumed. It
+is packed into one int, `node = c << 32 | k`; the root is 0. A fact ends at a node (no terminator token is
+stored): the matcher allows EOS there, and also the children if the fact is a prefix of longer ones.
 
-Build (`build_trie`) streams: sequences are gathered into chunks that are sorted and deduplicated in memory
-(numba) and spilled to disk; the sorted runs are k-way merged (dropping duplicates across runs) and the tree is
-built breadth-first from the merged, sorted sequences in one pass. The arrays are written through
+Build (`build_trie`) streams: sequences are gathered into chunks that are sorted and deduplicated in
+memory (numba) and spilled to disk; the sorted runs are k-way merged (dropping duplicates across runs) and the
+tree is built breadth-first from the merged, sorted sequences in one pass. The arrays are written through
 `index.storage` (atomic, checksummed, memory-mapped on load).
 
-Matching (`trie_constraint`): a matcher's state is the node reached; `fill_bitmask` clears the row and sets the
-bits of the next tokens: O(children) after an O(V/32) memset. `no_repeat=True` applies ReFactX's subtraction:
-facts already completed in this sequence (`end_fact`) are not allowed again, by subtracting them from the leaf
-counts along their path; a child with nothing left below it is disallowed.
+Matching (`trie_constraint`): a matcher's state is the node reached; `fill_bitmask` clears the row and sets
+the bits of the next tokens: O(children) after an O(V/32) memset. `no_repeat=True` applies ReFactX's
+subtraction: facts already completed in this sequence (`end_fact`) are not allowed again, by subtracting them
+from the leaf counts along their path; a child with nothing left below it is disallowed.
 
 Any store that implements `TrieStore` (e.g. a PostgreSQL table of edges) can back the same matcher.
 """
@@ -226,10 +226,10 @@ _STRUCTURE_PROBLEMS = {
 class TrieStore(ABC):
     """Read access to a token trie; what `TrieMatcher` needs, so any backend (mmap'd arrays, PostgreSQL) fits.
 
-    Node ids are ints chosen by the store (>= 0), one per distinct prefix of the facts; `ROOT` (0) is the empty
-    prefix. A store must implement `children`, `leaf_count`, `is_terminal`, `n_facts`, `distinct_tokens` and
-    `store_id`; `child` and `fill_children` have generic defaults built on `children` that a store may
-    replace with faster ones.
+    Node ids are ints chosen by the store (>= 0), one per distinct prefix of the facts; `ROOT` (0) is the
+    empty prefix. A store must implement `children`, `leaf_count`, `is_terminal`, `n_facts`,
+    `distinct_tokens` and `store_id`; `child` and `fill_children` have generic defaults built on `children`
+    that a store may replace with faster ones.
     """
 
     @property
@@ -244,7 +244,7 @@ class TrieStore(ABC):
 
     @abstractmethod
     def children(self, node: int) -> tuple[np.ndarray, np.ndarray]:
-        """(next tokens, child node ids) at `node`: int32 tokens sorted ascending, int64 ids, equal lengths."""
+        """(next tokens, child node ids) at `node`: int32 tokens sorted ascending, int64 ids, same length."""
 
     @abstractmethod
     def leaf_count(self, node: int) -> int:
@@ -256,7 +256,7 @@ class TrieStore(ABC):
 
     @abstractmethod
     def distinct_tokens(self) -> np.ndarray:
-        """Every token id that occurs in some fact, sorted (int64); checked against a vocabulary at compile."""
+        """Every token id that occurs in some fact, sorted (int64); checked against vocabularies."""
 
     def child(self, node: int, token: int) -> int:
         """The child of `node` by `token`, or -1 if no fact continues `node`'s prefix with `token`."""
@@ -329,8 +329,10 @@ class TrieIndex(TrieStore):
         a = self.arrays
         where = self.path
         offsets = (a.label_start.dtype, a.child_start.dtype, a.leaf_count.dtype)
-        if any(d not in (np.int32, np.int64) for d in offsets) or a.labels.dtype != np.int32 or (
-            a.terminal.dtype != np.uint8 or a.tokens_present.dtype != np.bool_
+        if (
+            any(d not in (np.int32, np.int64) for d in offsets)
+            or a.labels.dtype != np.int32
+            or (a.terminal.dtype != np.uint8 or a.tokens_present.dtype != np.bool_)
         ):
             raise IndexFormatError(f"{where}: unexpected array dtypes")
         if any(getattr(a, name).ndim != 1 for name in _ARRAYS):
@@ -338,13 +340,17 @@ class TrieIndex(TrieStore):
         self.n_nodes = int(a.leaf_count.shape[0])
         self.n_labels = int(a.labels.shape[0])
         if a.label_start.shape[0] != self.n_nodes + 1 or a.child_start.shape[0] != self.n_nodes + 1:
-            raise IndexFormatError(f"{where}: node arrays disagree in length (label_start, child_start, leaf_count)")
+            raise IndexFormatError(
+                f"{where}: node arrays disagree in length (label_start, child_start, leaf_count)"
+            )
         if a.terminal.shape[0] != self.n_nodes or self.n_nodes < 2:
             raise IndexFormatError(f"{where}: terminal.npy length or node count ({self.n_nodes}) is wrong")
         if int(a.label_start[-1]) != self.n_labels or int(a.child_start[-1]) != self.n_nodes:
             raise IndexFormatError(f"{where}: label_start/child_start do not end at the array sizes")
         if int(a.leaf_count[0]) != self._n_facts:
-            raise IndexFormatError(f"{where}: root leaf count {int(a.leaf_count[0])} != n_facts {self._n_facts}")
+            raise IndexFormatError(
+                f"{where}: root leaf count {int(a.leaf_count[0])} != n_facts {self._n_facts}"
+            )
 
     def _check_structure(self) -> None:
         a = self.arrays
@@ -514,7 +520,7 @@ def _sort_sequences(tokens, offsets):
 
 @numba.njit(nogil=True, cache=True)
 def _gather_unique(tokens, offsets, order, out_tokens, out_offsets):
-    """Copy the sequences in `order` into out_*, skipping repeats of the previous one; returns (count, tokens)."""
+    """Copy sequences in `order` to out_*, skipping repeats of the previous one; returns (count, tokens)."""
     n_out = 0
     pos = 0
     out_offsets[0] = 0
@@ -538,7 +544,10 @@ def _sift_down(heap, size, i, tokens, offsets, run_pos):
             return
         best = left
         right = left + 1
-        if right < size and _compare(tokens, offsets, run_pos[heap[right]], tokens, offsets, run_pos[heap[left]]) < 0:
+        if (
+            right < size
+            and _compare(tokens, offsets, run_pos[heap[right]], tokens, offsets, run_pos[heap[left]]) < 0
+        ):
             best = right
         if _compare(tokens, offsets, run_pos[heap[best]], tokens, offsets, run_pos[heap[i]]) >= 0:
             return
@@ -588,7 +597,8 @@ def _build_nodes(tokens, offsets, lo, hi, start_depth, label_len, child_start, t
 
     Node i covers the sequences [lo[i], hi[i]) (all share its prefix); its label is label_len[i] tokens from
     depth start_depth[i]. Processing node i appends its children (one per distinct next token) to the queue,
-    which is the node array itself. state = [next node to process, nodes so far]; at most `limit` per call.
+    which is the node array itself. state = [next node to process, nodes so far, error flag]; at most
+    `limit` nodes per call.
     """
     i = state[0]
     count = state[1]
@@ -603,6 +613,9 @@ def _build_nodes(tokens, offsets, lo, hi, start_depth, label_len, child_start, t
             terminal[i] = 1
             s += 1
         while s < end:
+            if offsets[s + 1] - offsets[s] <= depth or count >= lo.shape[0]:
+                state[2] = 1  # input not sorted and distinct: refuse rather than write out of bounds
+                return
             t = tokens[offsets[s] + depth]
             a = s + 1  # the group of sequences with token t at `depth` ends at the first larger token
             b = end
@@ -701,8 +714,12 @@ def _merge(spill: _Spill, tokens: np.ndarray, offsets: np.ndarray, folder: Path,
     run_end = bounds[1:].copy()
     heap = np.array([r for r in range(n_runs) if run_pos[r] < run_end[r]], dtype=np.int64)
     _heapify(heap, heap.shape[0], tokens, offsets, run_pos)
-    out_tokens = np.asarray(np.memmap(folder / "merged.tok", dtype=np.int32, mode="w+", shape=(max(len(tokens), 1),)))
-    out_offsets = np.asarray(np.memmap(folder / "merged.off", dtype=np.int64, mode="w+", shape=(len(offsets),)))
+    out_tokens = np.asarray(
+        np.memmap(folder / "merged.tok", dtype=np.int32, mode="w+", shape=(max(len(tokens), 1),))
+    )
+    out_offsets = np.asarray(
+        np.memmap(folder / "merged.off", dtype=np.int64, mode="w+", shape=(len(offsets),))
+    )
     out_offsets[0] = 0
     state = np.array([heap.shape[0], 0, 0], dtype=np.int64)
     with progress.bar(f"merging {n_runs} runs", int(bounds[-1]), "seq") as bar:
@@ -730,11 +747,15 @@ def _layout(
     child_start = np.zeros(cap + 1, dtype=np.int64)
     terminal = np.zeros(cap, dtype=np.uint8)
     hi[0] = n_facts
-    state = np.array([0, 1], dtype=np.int64)
+    state = np.array([0, 1, 0], dtype=np.int64)
     with progress.bar("building nodes", None, "node") as bar:
         while state[0] < state[1]:
             before = int(state[0])
-            _build_nodes(tokens, offsets, lo, hi, start_depth, label_len, child_start, terminal, state, 1 << 20)
+            _build_nodes(
+                tokens, offsets, lo, hi, start_depth, label_len, child_start, terminal, state, 1 << 20
+            )
+            if state[2]:
+                raise ConstraintError("internal error: merged facts are not sorted and distinct")
             bar.update(int(state[0]) - before)
     n_nodes = int(state[1])
     child_start[n_nodes] = n_nodes
@@ -745,8 +766,7 @@ def _layout(
     labels = writer.open_array("labels", np.int32, (n_labels,))
     tokens_present = np.zeros(max_token + 1, dtype=np.bool_)
     _fill_labels(tokens, offsets, lo, start_depth, label_start, labels, tokens_present)
-    labels.flush()
-    del labels
+    del labels  # written through the shared mapping; commit() fsyncs the file
     writer.save("label_start", label_start.astype(_offset_dtype(n_labels)))
     writer.save("child_start", child_start[: n_nodes + 1].astype(_offset_dtype(n_nodes)))
     writer.save("leaf_count", (hi[:n_nodes] - lo[:n_nodes]).astype(_offset_dtype(n_facts)))
@@ -805,8 +825,14 @@ def _check_batch(batch: TokenBatch, first_fact: int, vocab: Vocabulary | None) -
     if bad.size:
         pos = int(bad[0])
         fact = first_fact + int(np.searchsorted(batch.offsets, pos, side="right")) - 1
-        what = f"for {vocab.name or 'the vocabulary'} ({vocab.n_tokens} tokens, specials excluded)" if vocab else ""
-        raise ConstraintError(f"fact #{fact}: token id {int(tokens[pos])} not allowed in a fact {what}".rstrip())
+        what = (
+            f"for {vocab.name or 'the vocabulary'} ({vocab.n_tokens} tokens, specials excluded)"
+            if vocab
+            else ""
+        )
+        raise ConstraintError(
+            f"fact #{fact}: token id {int(tokens[pos])} not allowed in a fact {what}".rstrip()
+        )
     return tokens.astype(np.int32, copy=False)
 
 
@@ -820,15 +846,19 @@ def build_trie(
     chunk_facts: int = 1 << 20,
     overwrite: bool = False,
     progress: bool | None = None,
+    _durable: bool = True,
 ) -> TrieIndex:
     """Build a token trie from token-id sequences (facts), streaming, and write it to the folder `out`.
 
-    `sequences` yields facts (sequences of ints) or `TokenBatch`es (many facts in flat arrays: the fast path).
-    Up to `chunk_tokens` tokens are sorted in memory at a time and spilled; the runs are then merged, so memory
-    stays bounded by the chunk plus ~33 bytes per distinct fact for the node queue. Identical facts are stored
-    once. With `vocab`, every id must be an ordinary token of it (no special, EOS or padding id) and the
-    vocabulary's fingerprint is recorded. `meta` (JSON-serialisable) goes into the header. `out=None` builds
-    in a temporary folder and returns an in-memory index. `progress` shows tqdm bars (None: when on a tty).
+    `sequences` yields facts (sequences of ints) or `TokenBatch`es (many facts in flat arrays: the fast
+    path; a batch is never split). Up to `chunk_tokens` tokens are sorted in memory at a time and spilled
+    to disk; the sorted runs are then merged, so memory is bounded by one chunk plus the node queue (~33
+    bytes per distinct fact). Identical facts are stored once.
+
+    `vocab`: every id must be an ordinary token of it (no special, EOS or padding id); its fingerprint is
+    recorded so the index only compiles against it. `meta` (JSON-serialisable) goes into the header.
+    `out=None` builds in a temporary folder and returns an in-memory index. `progress` shows tqdm bars
+    (None: when stderr is a terminal).
 
     The write is atomic: the folder appears complete or not at all. Raises `ConstraintError` for an empty
     fact list, an empty fact or a bad token id (naming the fact's position), or an existing `out` without
@@ -836,12 +866,20 @@ def build_trie(
     """
     if out is None:
         with tempfile.TemporaryDirectory(prefix="constrain-trie-") as tmp:
-            built = build_trie(sequences, Path(tmp) / "trie", vocab=vocab, meta=meta, chunk_tokens=chunk_tokens,
-                               chunk_facts=chunk_facts, progress=progress)
+            built = build_trie(
+                sequences,
+                Path(tmp) / "trie",
+                vocab=vocab,
+                meta=meta,
+                chunk_tokens=chunk_tokens,
+                chunk_facts=chunk_facts,
+                progress=progress,
+                _durable=False,
+            )
             return TrieIndex.load(built.path, verify=False, mmap=False)
     show = _Progress(progress)
     started = time.perf_counter()
-    with FileSetWriter(out, kind=FORMAT, version=VERSION, overwrite=overwrite) as writer:
+    with FileSetWriter(out, kind=FORMAT, version=VERSION, overwrite=overwrite, durable=_durable) as writer:
         spill = _Spill(writer.scratch("spill"))
         pending_tokens: list[np.ndarray] = []
         pending_offsets: list[np.ndarray] = []
@@ -932,12 +970,18 @@ def load_trie(path: str | os.PathLike, *, verify: bool | None = None) -> TrieInd
 class TrieConstraint(Constraint):
     """Only token sequences that spell a fact of the index (then EOS); see `trie_constraint`."""
 
-    def __init__(self, index: TrieStore | str | os.PathLike, *, no_repeat: bool = False, verify: bool | None = None):
+    def __init__(
+        self, index: TrieStore | str | os.PathLike, *, no_repeat: bool = False, verify: bool | None = None
+    ):
         self.store = index if isinstance(index, TrieStore) else TrieIndex.load(index, verify=verify)
         self.no_repeat = bool(no_repeat)
 
     def cache_key(self) -> object:
-        key = self.store.store_id if isinstance(self.store, TrieIndex) else f"{self.store.store_id}@{id(self.store)}"
+        key = (
+            self.store.store_id
+            if isinstance(self.store, TrieIndex)
+            else f"{self.store.store_id}@{id(self.store)}"
+        )
         return (key, self.no_repeat)
 
     def _compile(self, vocab: Vocabulary) -> CompiledTrie:
@@ -947,7 +991,9 @@ class TrieConstraint(Constraint):
         return f"trie_constraint({self.store!r}, no_repeat={self.no_repeat})"
 
 
-def trie_constraint(index_or_path: TrieStore | str | os.PathLike, *, no_repeat: bool = False) -> TrieConstraint:
+def trie_constraint(
+    index_or_path: TrieStore | str | os.PathLike, *, no_repeat: bool = False
+) -> TrieConstraint:
     """A constraint that lets the model write exactly one fact of the index (token by token), then EOS.
 
     `index_or_path`: a `TrieIndex` (or any `TrieStore`) or the folder of one. `no_repeat=True`: facts already
@@ -966,11 +1012,16 @@ def _mask_array(bitmask: torch.Tensor | np.ndarray, row: int, vocab_size: int, w
     """The bitmask as a 2-D int32 numpy array (shared memory), checked: a cheap path for the common cases.
 
     The numpy view of the last torch tensor seen is cached (keyed on identity, data pointer and shape), since
-    `Tensor.numpy()` alone costs ~1.5 us. Anything unusual goes through `row_view`, which raises `BitmaskError`.
+    `Tensor.numpy()` alone costs ~1.5 us. Anything unusual goes through `row_view` (raises `BitmaskError`).
     """
     global _tensor_views
     if type(bitmask) is np.ndarray:
-        if bitmask.dtype == _I32 and bitmask.ndim == 2 and bitmask.shape[1] == words and 0 <= row < bitmask.shape[0]:
+        if (
+            bitmask.dtype == _I32
+            and bitmask.ndim == 2
+            and bitmask.shape[1] == words
+            and 0 <= row < bitmask.shape[0]
+        ):
             return bitmask
     elif isinstance(bitmask, torch.Tensor):
         cached = _tensor_views
@@ -1008,19 +1059,22 @@ class CompiledTrie(CompiledConstraint):
         # Ids a fact may never contain: specials, EOS and padding (and anything past the bitmask).
         forbidden = np.zeros(self.words, dtype=np.int32)
         banned = np.concatenate(
-            [np.asarray(sorted(vocab.special_ids | vocab.eos_ids), dtype=np.int64),
-             np.arange(vocab.n_tokens, self.words * 32, dtype=np.int64)]
+            [
+                np.asarray(sorted(vocab.special_ids | vocab.eos_ids), dtype=np.int64),
+                np.arange(vocab.n_tokens, self.words * 32, dtype=np.int64),
+            ]
         )
         set_token_bits(forbidden, banned)
         self.forbidden = forbidden
         present = store.distinct_tokens()
         bad = present[(present >= vocab.n_tokens) | np.isin(present, banned)]
         if bad.size:
-            shown = ", ".join(f"{int(t)}" + (f" {vocab.token_bytes[t]!r}" if t < vocab.n_tokens else "")
-                              for t in bad[:5])
+            shown = ", ".join(
+                f"{int(t)}" + (f" {vocab.token_bytes[t]!r}" if t < vocab.n_tokens else "") for t in bad[:5]
+            )
             raise ConstraintError(
-                f"index {getattr(store, 'path', store)} holds token ids that are special, EOS or padding ids of "
-                f"{vocab.name or 'the vocabulary'} ({vocab.n_tokens} tokens): {shown}"
+                f"index {getattr(store, 'path', store)} holds token ids that are special, EOS or padding "
+                f"ids of {vocab.name or 'the vocabulary'} ({vocab.n_tokens} tokens): {shown}"
             )
         self.fast = store.arrays if isinstance(store, TrieIndex) else None
 
@@ -1039,7 +1093,9 @@ class TrieMatcher(Matcher):
     def __init__(self, compiled: CompiledTrie):
         self._c = compiled
         self.vocab = compiled.vocab
-        self._nodes: list[int] = [ROOT]  # node after each accepted token (-1 = EOS accepted); [0] is the start
+        self._nodes: list[int] = [
+            ROOT
+        ]  # node after each accepted token (-1 = EOS accepted); [0] is the start
         self._tokens: list[int] = []
         self._ends: list[int] = []  # indices into _nodes where end_fact() returned to the root
         self._used: dict[int, int] = {}  # no_repeat: completed facts through each node
@@ -1072,10 +1128,22 @@ class TrieMatcher(Matcher):
             return
         if c.fast is not None:
             a = c.fast
-            status = _fill_node(array, row, node, a.label_start, a.labels, a.child_start, a.terminal, c.eos,
-                                c.forbidden, node not in self._done)
+            status = _fill_node(
+                array,
+                row,
+                node,
+                a.label_start,
+                a.labels,
+                a.child_start,
+                a.terminal,
+                c.eos,
+                c.forbidden,
+                node not in self._done,
+            )
             if status < 0:
-                raise IndexFormatError(f"{c.store.path}: corrupt trie near node {node} (run TrieIndex.verify())")
+                raise IndexFormatError(
+                    f"{c.store.path}: corrupt trie near node {node} (run TrieIndex.verify())"
+                )
         else:
             words = array[row]
             words[:] = 0
@@ -1105,7 +1173,9 @@ class TrieMatcher(Matcher):
             a = c.fast
             nxt = int(_step_node(node, token, a.label_start, a.labels, a.child_start))
             if nxt == -2:
-                raise IndexFormatError(f"{c.store.path}: corrupt trie near node {node} (run TrieIndex.verify())")
+                raise IndexFormatError(
+                    f"{c.store.path}: corrupt trie near node {node} (run TrieIndex.verify())"
+                )
         else:
             nxt = c.store.child(node, token)
         if nxt < 0 or (self._blocked and token in self._blocked.get(node, ())):
@@ -1118,7 +1188,7 @@ class TrieMatcher(Matcher):
         self._nodes.append(node)
 
     def rollback(self, n: int = 1) -> None:
-        """Undo the last `n` tokens; an `end_fact()` done after the last kept token is undone with them."""
+        """Undo the last `n` tokens, and every `end_fact()` made after the first of them was accepted."""
         self._check_rollback(n, len(self._tokens))
         if n == 0:
             return

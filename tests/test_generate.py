@@ -245,24 +245,30 @@ def test_batch_with_mixed_constraints_follows_masked_argmax_in_every_row(tiny, t
     assert (gens[2].token_ids, gens[2].finish_reason) == ([30, 31, 32, 33, 34, 35], "constraint_complete")
 
 
-def test_smollm2_greedy_regex_date_equals_brute_force_and_fullmatches(smollm2):
+def test_smollm2_greedy_regex_equals_brute_force_and_transformers_with_the_processor(smollm2):
+    """The real model: our greedy constrained output fullmatches the regex, equals the brute-force masked
+    argmax, and equals transformers' own generate with ConstrainedLogitsProcessor."""
     rx = regex_module()
+    from constrain.hf import ConstrainedLogitsProcessor
+
     model, tok = smollm2
     vocab = model_vocabulary(model, tok)
     pattern = r"\d{4}-\d{2}-\d{2}"
+    question = "When did the Berlin Wall fall? Answer with the date."
     compiled = rx.regex(pattern).compile(vocab)
-    [g] = generate(model, tok, "When did the Berlin Wall fall? Answer with the date.", compiled, max_new_tokens=16)
+    [g] = generate(model, tok, question, compiled, max_new_tokens=16)
     assert re.fullmatch(pattern, g.text), g.text
     assert g.finish_reason == "constraint_complete"
-    prompt = tok.apply_chat_template(
-        [{"role": "user", "content": "When did the Berlin Wall fall? Answer with the date."}],
-        tokenize=False,
-        add_generation_prompt=True,
+    templated = tok.apply_chat_template(
+        [{"role": "user", "content": question}], tokenize=False, add_generation_prompt=True
     )
-    prompt_ids = tok(prompt, add_special_tokens=False)["input_ids"]
-    assert g.prompt_tokens == len(prompt_ids)
-    tokens, reason = brute_force_greedy(model, prompt_ids, compiled.matcher, vocab, 16)
+    prompt = tok(templated, add_special_tokens=False)["input_ids"]
+    assert g.prompt_tokens == len(prompt)
+    tokens, reason = brute_force_greedy(model, prompt, compiled.matcher, vocab, 16)
     assert (g.token_ids, g.finish_reason) == (tokens, reason)
+    processor = ConstrainedLogitsProcessor(rx.regex(pattern), vocab)
+    [theirs] = hf_greedy(model, [prompt], processor, vocab, 16, do_sample=False)
+    assert without_eos(theirs, vocab) == g.token_ids
 
 
 def test_smollm2_choice_and_regex_rows_in_one_batch_fullmatch(smollm2):
@@ -568,22 +574,6 @@ def test_logits_processor_greedy_equals_our_generate(tiny, tok, vocab):
         assert without_eos(g.token_ids, vocab) == without_eos(t, vocab)
     # The processor can be reused: a new generate call restarts it.
     assert hf_greedy(tiny, prompts, processor, vocab, 6, do_sample=False) == theirs
-
-
-def test_logits_processor_greedy_equals_our_generate_on_smollm2_regex(smollm2):
-    rx = regex_module()
-    from constrain.hf import ConstrainedLogitsProcessor
-
-    model, tok = smollm2
-    vocab = model_vocabulary(model, tok)
-    pattern = r"[A-Z][a-z]+, [A-Z][a-z]+"
-    text = "Where is the Eiffel Tower? Answer as City, Country."
-    templated = tok.apply_chat_template([{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True)
-    prompt = tok(templated, add_special_tokens=False)["input_ids"]
-    [g] = generate(model, tok, [prompt], rx.regex(pattern), max_new_tokens=12)
-    theirs = hf_greedy(model, [prompt], ConstrainedLogitsProcessor(rx.regex(pattern), vocab), vocab, 12, do_sample=False)
-    assert without_eos(theirs[0], vocab) == without_eos(g.token_ids, vocab)
-    assert re.fullmatch(pattern, g.text), g.text
 
 
 def test_logits_processor_keeps_every_beam_and_sample_inside_the_constraint(tiny, vocab):

@@ -1,0 +1,804 @@
+"""Fused masked sampling on the GPU with Triton: logits + int32 bitmask -> one token per row (and its logprob).
+
+`masked_sample_triton` computes exactly what `torch_sampling.masked_sample_torch` defines (read its docstring
+for the semantics), token for token: the same float32 tempered logits `t_j = (x_j - max x) / T` (IEEE
+division), the same filters, and the same noise, `E_j = exponential_from_bits(philox4x32(seed, j)[0])`, in the
+same exponential race `argmax_j t_j - log(E_j)`. Rounding of `exp`/`log` may differ by an ulp from torch's, so
+a token can differ only where two race scores, or a value and a top-p/min-p boundary, lie within ~1e-6.
+
+Kernels, in launch order (N output rows, each row's vocabulary cut into `S` slices of whole tiles):
+
+A. `_stats_kernel`, grid (N, S): reads the slice's logits and bitmask words once, and writes the slice's
+   masked maximum, its lowest argmax, the count of allowed finite logits, the maximum of every tile, and, as
+   needed, the logsumexp pieces (logprobs) and the tempered mass and best 32-token groups (filters).
+B. `_race_kernel`, grid (N, S): the exponential race over the slice, skipping every tile whose best `t` is
+   below `PRUNE_T`: a race score is `t - log(E)` with `-log(E)` in [-3.14, 22.88] for every Philox word,
+   and the row's maximum (t = 0) scores at least -3.14, so such a tile cannot hold the winner.
+C. `_finish_kernel`, grid (N,): reduces the slices to the row's token and logprob. With filters it gathers
+   the best groups' tokens, sorts them and finds the exact top-k / top-p / min-p thresholds when the gathered
+   tokens provably contain every token the filters keep (or when the unfiltered winner is provably kept);
+   otherwise it flags the row.
+D. `_fallback_kernel`, grid (N,): flagged rows only (others exit at once): exact thresholds by bisection
+   over the whole row (float keys, one pass per step), then the race over the kept tokens.
+
+Inputs are assumed valid (`constrain.sampling` checks them); an out-of-range `indices` entry is still made
+harmless (its row reads nothing and returns -1) so a bad index can never make the kernel read out of bounds.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass, replace
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from .torch_sampling import row_seeds
+
+__all__ = ["SamplingConfig", "apply_bitmask_triton_", "masked_sample_triton"]
+
+# A tile whose largest tempered logit is below this cannot hold the race winner (see B above): the winner
+# scores >= 0 - log(22.8739) = -3.1300 and a token scores <= t - log(1.1642e-10) = t + 22.8739. Margin 0.5.
+PRUNE_T = -26.5
+_NEG_INF = float("-inf")
+_INT32_MAX = 2147483647
+# Group key of "no group": ordered key of -inf in the high word, group id 0x7FFFFFFF (never valid) in the low.
+_PAD_KEY = -2139095041 * 2**32
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    """Launch parameters (performance only: every choice gives the same tokens).
+
+    tile: tokens per tile, a power of two >= 64 (the unit of loads, of pruning and of group selection).
+    target_programs: aim for about this many programs per launch when choosing the slices per row
+        (None: 4 per streaming multiprocessor on CUDA, 4 on the CPU interpreter).
+    groups_per_split: best 32-token groups each slice keeps for the filters (power of two, <= tile / 32).
+    gathered_groups: best groups the finisher gathers and sorts per filtered row (power of two).
+    num_warps: warps per program of kernels A and B.
+    force_fallback: send every filtered row to the exact bisection kernel (tests compare both paths).
+    """
+
+    tile: int = 2048
+    target_programs: int | None = None
+    groups_per_split: int = 16
+    gathered_groups: int = 64
+    num_warps: int = 8
+    force_fallback: bool = False
+
+
+DEFAULT_CONFIG = SamplingConfig()
+
+
+# ----------------------------------------------------------------------------------------------- helpers
+
+
+@triton.jit
+def _ordkey(x):
+    """float32 -> int32 key with the same order (-0.0 and +0.0 share key 0)."""
+    b = x.to(tl.int32, bitcast=True)
+    b = tl.where(b == -2147483648, 0, b)
+    return tl.where(b < 0, b ^ 0x7FFFFFFF, b)
+
+
+@triton.jit
+def _from_ordkey(k):
+    """Inverse of `_ordkey`."""
+    b = tl.where(k < 0, k ^ 0x7FFFFFFF, k)
+    return b.to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _group_key(gmax, gid):
+    """int64 key of a 32-token group: its max in the high word, then lower ids first (distinct keys)."""
+    return (_ordkey(gmax).to(tl.int64) << 32) | (0x7FFFFFFF - gid).to(tl.int64)
+
+
+@triton.jit
+def _group_of_key(key):
+    """Group id stored in a `_group_key` (0x7FFFFFFF for the padding key)."""
+    low = key - ((key >> 32) << 32)
+    return 0x7FFFFFFF - low.to(tl.int32)
+
+
+@triton.jit
+def _value_of_key(key):
+    """Group maximum stored in a `_group_key`."""
+    return _from_ordkey((key >> 32).to(tl.int32))
+
+
+@triton.jit
+def _log_exponential(seed, tok):
+    """log(E_j) for token ids `tok`: E = exponential_from_bits(philox4x32(seed, tok)[0]) (torch_sampling).
+
+    x = (2 * (bits & 0x7FFFFFFF) + 1) * 2**-33; E = -log(x) if the top bit is 0, else -log1p(-x); log1p is
+    computed as log(v) * (-x) / (v - 1) with v = 1 - x (exact to a few ulp, no libdevice needed).
+    """
+    zero = tl.zeros_like(tok)
+    bits, _, _, _ = tl.philox(seed, tok, zero, zero, zero)
+    x = (2 * (bits & 0x7FFFFFFF) + 1).to(tl.float32) * 1.1641532182693481e-10
+    v = 1.0 - x
+    upper = (bits >> 31) != 0
+    lg = tl.log(tl.where(upper, v, x))
+    log1p_neg = tl.where(v == 1.0, -x, lg * (-x) / (v - 1.0))
+    e = tl.where(upper, -log1p_neg, -lg)
+    return tl.log(e)
+
+
+@triton.jit
+def _row_of(idx_ptr, row, B, V, W, HAS_IDX: tl.constexpr):
+    """(logits row as int64, V, W) for output row `row`; (0, 0, 0) if its index is out of range (reads nothing)."""
+    if HAS_IDX:
+        lrow = tl.load(idx_ptr + row).to(tl.int64)
+    else:
+        lrow = row.to(tl.int64)
+    ok = (lrow >= 0) & (lrow < B)
+    return tl.where(ok, lrow, 0), tl.where(ok, V, 0), tl.where(ok, W, 0)
+
+
+@triton.jit
+def _param(ptr, val, row, PER_ROW: tl.constexpr, DTYPE: tl.constexpr):
+    """A per-row parameter from its tensor, or the scalar passed for every row, as DTYPE."""
+    if PER_ROW:
+        return tl.load(ptr + row).to(DTYPE)
+    else:
+        return tl.cast(val, DTYPE)
+
+
+@triton.jit
+def _load_tile(lrow_ptr, mrow_ptr, tile, V, W, TILE: tl.constexpr):
+    """Masked float32 logits of one tile as (TILE/32 groups, 32), -inf where disallowed, and the token ids."""
+    G: tl.constexpr = TILE // 32
+    gid = tile * G + tl.arange(0, G)
+    lane = tl.arange(0, 32)
+    tok = gid[:, None] * 32 + lane[None, :]
+    inb = tok < V
+    x = tl.load(lrow_ptr + tok, mask=inb, other=float("-inf")).to(tl.float32)
+    word = tl.load(mrow_ptr + gid, mask=gid < W, other=0)
+    bit = (word[:, None] >> lane[None, :]) & 1
+    return tl.where((bit != 0) & inb, x, float("-inf")), tok
+
+
+@triton.jit
+def _race(x, tok, M, T, seed):
+    """(best race score, its lowest token id) of a tile; -inf / INT32_MAX if nothing is allowed."""
+    t = tl.math.div_rn(x - M, T)
+    score = tl.where(x > float("-inf"), t - _log_exponential(seed, tok), float("-inf"))
+    best = tl.max(tl.max(score, axis=1), axis=0)
+    best_tok = tl.min(tl.min(tl.where(score == best, tok, 2147483647), axis=1), axis=0)
+    return best, best_tok
+
+
+# ----------------------------------------------------------------------------------------------- kernels
+
+
+@triton.jit(do_not_specialize=["temp_val"])
+def _stats_kernel(
+    logits_ptr,
+    stride_l,
+    mask_ptr,
+    idx_ptr,
+    B,
+    V,
+    W,
+    temp_ptr,
+    temp_val,
+    ws_m_ptr,
+    ws_arg_ptr,
+    ws_cnt_ptr,
+    ws_tmax_ptr,
+    ws_s_ptr,
+    ws_z_ptr,
+    ws_gk_ptr,
+    NT,
+    TPS,
+    S,
+    TILE: tl.constexpr,
+    KG: tl.constexpr,
+    HAS_IDX: tl.constexpr,
+    TEMP_PER_ROW: tl.constexpr,
+    LOGPROBS: tl.constexpr,
+    FILTER: tl.constexpr,
+):
+    """Kernel A: one pass over a slice of a row; per-slice statistics into the workspace."""
+    row = tl.program_id(0)
+    split = tl.program_id(1)
+    G: tl.constexpr = TILE // 32
+    lrow, V, W = _row_of(idx_ptr, row, B, V, W, HAS_IDX)
+    lrow_ptr = logits_ptr + lrow * stride_l
+    mrow_ptr = mask_ptr + row.to(tl.int64) * W
+    T = _param(temp_ptr, temp_val, row, TEMP_PER_ROW, tl.float32)
+    inv_t = 1.0 / tl.where(T > 0, T, 1.0)
+
+    run_m = float("-inf")
+    run_arg = 2147483647
+    run_s = 0.0  # sum exp(x - run_m), for logprobs
+    run_z = 0.0  # sum exp((x - run_m) / T), the tempered mass, for top-p
+    cnt = 0
+    keys = tl.full((KG,), -9187343239835811840, tl.int64)
+    for i in range(TPS):
+        tile = split * TPS + i
+        x, tok = _load_tile(lrow_ptr, mrow_ptr, tile, V, W, TILE)
+        gmax = tl.max(x, axis=1)
+        tmax = tl.max(gmax, axis=0)
+        tl.store(ws_tmax_ptr + row * NT + tile, tmax, mask=tile < NT)
+        targ = tl.min(tl.min(tl.where(x == tmax, tok, 2147483647), axis=1), axis=0)
+        # Strictly greater: on ties the earlier tile (lower ids) keeps the argmax.
+        run_arg = tl.where((tmax > run_m) & (tmax > float("-inf")), targ, run_arg)
+        cnt += tl.sum(tl.sum((x > float("-inf")).to(tl.int32), axis=1), axis=0)
+        new_m = tl.maximum(run_m, tmax)
+        safe = tl.where(new_m == float("-inf"), 0.0, new_m)
+        if LOGPROBS:
+            part = tl.sum(tl.sum(tl.exp(x - safe), axis=1), axis=0)
+            run_s = run_s * tl.exp(run_m - safe) + part
+        if FILTER:
+            part_z = tl.sum(tl.sum(tl.exp((x - safe) * inv_t), axis=1), axis=0)
+            run_z = run_z * tl.exp((run_m - safe) * inv_t) + part_z
+            gkey = _group_key(gmax, tile * G + tl.arange(0, G))
+            best = tl.topk(gkey, KG)
+            keys = tl.topk(tl.reshape(tl.join(keys, best), [2 * KG]), KG)
+        run_m = new_m
+
+    at = row * S + split
+    tl.store(ws_m_ptr + at, run_m)
+    tl.store(ws_arg_ptr + at, run_arg)
+    tl.store(ws_cnt_ptr + at, cnt)
+    if LOGPROBS:
+        tl.store(ws_s_ptr + at, run_s)
+    if FILTER:
+        tl.store(ws_z_ptr + at, run_z)
+        tl.store(ws_gk_ptr + at * KG + tl.arange(0, KG), keys)
+
+
+@triton.jit(do_not_specialize=["temp_val"])
+def _race_kernel(
+    logits_ptr,
+    stride_l,
+    mask_ptr,
+    idx_ptr,
+    seed_ptr,
+    B,
+    V,
+    W,
+    temp_ptr,
+    temp_val,
+    ws_m_ptr,
+    ws_tmax_ptr,
+    ws_score_ptr,
+    ws_tok_ptr,
+    NT,
+    TPS,
+    S,
+    SP: tl.constexpr,
+    TILE: tl.constexpr,
+    HAS_IDX: tl.constexpr,
+    TEMP_PER_ROW: tl.constexpr,
+):
+    """Kernel B: the exponential race over a slice (unfiltered), skipping tiles that cannot win."""
+    row = tl.program_id(0)
+    split = tl.program_id(1)
+    lrow, V, W = _row_of(idx_ptr, row, B, V, W, HAS_IDX)
+    lrow_ptr = logits_ptr + lrow * stride_l
+    mrow_ptr = mask_ptr + row.to(tl.int64) * W
+    T = _param(temp_ptr, temp_val, row, TEMP_PER_ROW, tl.float32)
+    seed = tl.load(seed_ptr + row)
+    s = tl.arange(0, SP)
+    M = tl.max(tl.load(ws_m_ptr + row * S + s, mask=s < S, other=float("-inf")), axis=0)
+
+    best = float("-inf")
+    best_tok = 2147483647
+    if (T > 0) & (M > float("-inf")):
+        for i in range(TPS):
+            tile = split * TPS + i
+            tmax = tl.load(ws_tmax_ptr + row * NT + tile, mask=tile < NT, other=float("-inf"))
+            if tmax > float("-inf"):
+                if tl.math.div_rn(tmax - M, T) >= PRUNE_T:
+                    x, tok = _load_tile(lrow_ptr, mrow_ptr, tile, V, W, TILE)
+                    tile_best, tile_tok = _race(x, tok, M, T, seed)
+                    better = tile_best > best
+                    best_tok = tl.where(better, tile_tok, best_tok)
+                    best = tl.where(better, tile_best, best)
+    at = row * S + split
+    tl.store(ws_score_ptr + at, best)
+    tl.store(ws_tok_ptr + at, best_tok)
+
+
+@triton.jit(do_not_specialize=["temp_val", "topk_val", "topp_val", "minp_val"])
+def _finish_kernel(
+    logits_ptr,
+    stride_l,
+    mask_ptr,
+    idx_ptr,
+    seed_ptr,
+    B,
+    V,
+    W,
+    temp_ptr,
+    temp_val,
+    topk_ptr,
+    topk_val,
+    topp_ptr,
+    topp_val,
+    minp_ptr,
+    minp_val,
+    ws_m_ptr,
+    ws_arg_ptr,
+    ws_cnt_ptr,
+    ws_s_ptr,
+    ws_z_ptr,
+    ws_gk_ptr,
+    ws_score_ptr,
+    ws_tok_ptr,
+    row_f_ptr,
+    row_i_ptr,
+    flag_ptr,
+    out_tok_ptr,
+    out_lp_ptr,
+    S,
+    SP: tl.constexpr,
+    KG: tl.constexpr,
+    KG2: tl.constexpr,
+    HAS_IDX: tl.constexpr,
+    TEMP_PER_ROW: tl.constexpr,
+    TOPK_PER_ROW: tl.constexpr,
+    TOPP_PER_ROW: tl.constexpr,
+    MINP_PER_ROW: tl.constexpr,
+    LOGPROBS: tl.constexpr,
+    FILTER: tl.constexpr,
+    FORCE_FALLBACK: tl.constexpr,
+):
+    """Kernel C: reduce the slices of a row to its token and logprob; resolve filters or flag the row."""
+    row = tl.program_id(0)
+    lrow, V, W = _row_of(idx_ptr, row, B, V, W, HAS_IDX)
+    lrow_ptr = logits_ptr + lrow * stride_l
+    T = _param(temp_ptr, temp_val, row, TEMP_PER_ROW, tl.float32)
+    s = tl.arange(0, SP)
+    live = s < S
+    ms = tl.load(ws_m_ptr + row * S + s, mask=live, other=float("-inf"))
+    M = tl.max(ms, axis=0)
+    empty = M == float("-inf")
+    cnt = tl.sum(tl.load(ws_cnt_ptr + row * S + s, mask=live, other=0), axis=0)
+    if T > 0:
+        scores = tl.load(ws_score_ptr + row * S + s, mask=live, other=float("-inf"))
+        toks = tl.load(ws_tok_ptr + row * S + s, mask=live, other=2147483647)
+        best = tl.max(scores, axis=0)
+        tok = tl.min(tl.where(scores == best, toks, 2147483647), axis=0)
+    else:
+        args = tl.load(ws_arg_ptr + row * S + s, mask=live, other=2147483647)
+        tok = tl.min(tl.where(ms == M, args, 2147483647), axis=0)
+    tok = tl.where(empty, -1, tok)
+
+    lse = float("-inf")
+    if LOGPROBS:
+        sums = tl.load(ws_s_ptr + row * S + s, mask=live, other=0.0)
+        safe = tl.where(empty, 0.0, M)
+        lse = M + tl.log(tl.sum(sums * tl.exp(ms - safe), axis=0))
+
+    if FILTER:
+        k = _param(topk_ptr, topk_val, row, TOPK_PER_ROW, tl.int64)
+        p = _param(topp_ptr, topp_val, row, TOPP_PER_ROW, tl.float32)
+        mp = _param(minp_ptr, minp_val, row, MINP_PER_ROW, tl.float32)
+        k_on = (k > 0) & (k < cnt)
+        p_on = p < 1.0
+        mp_on = mp > 0.0
+        need = (T > 0) & (cnt > 0) & (k_on | p_on | mp_on)
+        flag = 0
+        if need:
+            inv_t = 1.0 / T
+            zs = tl.load(ws_z_ptr + row * S + s, mask=live, other=0.0)
+            z_all = tl.sum(zs * tl.exp((ms - M) * inv_t), axis=0)
+            tl.store(row_f_ptr + row * 3 + 0, M)
+            tl.store(row_f_ptr + row * 3 + 1, z_all)
+            tl.store(row_f_ptr + row * 3 + 2, lse)
+            tl.store(row_i_ptr + row * 2 + 0, tok)
+            tl.store(row_i_ptr + row * 2 + 1, cnt)
+            # The best KG2 groups of the row among those the slices kept. Every token outside them is <= u_x:
+            # it lies in a group a slice dropped (<= that slice's weakest kept key) or one not chosen here.
+            gk = tl.load(
+                ws_gk_ptr + (row * S + s[:, None]) * KG + tl.arange(0, KG)[None, :],
+                mask=live[:, None],
+                other=-9187343239835811840,
+            )
+            floor_key = tl.max(tl.min(gk, axis=1), axis=0)
+            flat = tl.reshape(gk, [SP * KG])
+            chosen = tl.topk(flat, KG2)
+            kth = tl.min(chosen, axis=0)
+            rest_key = tl.max(tl.where(flat < kth, flat, -9187343239835811840), axis=0)
+            u_x = _value_of_key(tl.maximum(floor_key, rest_key))
+            u_t = tl.math.div_rn(u_x - M, T)
+            u_e = tl.exp(u_t)
+
+            gid = _group_of_key(chosen)
+            gid_ok = (gid >= 0) & (gid < W)
+            lane = tl.arange(0, 32)
+            tok2 = tl.where(gid_ok, gid, 0)[:, None] * 32 + lane[None, :]
+            in2 = gid_ok[:, None] & (tok2 < V)
+            x2 = tl.load(lrow_ptr + tok2, mask=in2, other=float("-inf")).to(tl.float32)
+            word2 = tl.load(mask_ptr + row.to(tl.int64) * W + gid, mask=gid_ok, other=0)
+            bit2 = (word2[:, None] >> lane[None, :]) & 1
+            x2 = tl.where((bit2 != 0) & in2, x2, float("-inf"))
+            t2 = tl.math.div_rn(x2 - M, T)
+            e2 = tl.exp(t2)
+
+            # Sorted tempered logits of the gathered tokens; the first n_plus (> u_t) are exactly the row's
+            # n_plus largest, since no other token exceeds u_t.
+            NC: tl.constexpr = KG2 * 32
+            vs = tl.sort(tl.reshape(t2, [NC]), descending=True)
+            pos = tl.arange(0, NC)
+            n_plus = tl.sum((vs > u_t).to(tl.int32), axis=0)
+            es = tl.exp(vs)
+
+            # top-k: the k-th largest is known when k <= n_plus, else it is <= u_t.
+            k_known = k <= n_plus
+            t_k = tl.sum(tl.where(pos == k - 1, vs, 0.0), axis=0)
+            t_k = tl.where(k_on & k_known, t_k, float("-inf"))
+            # top-p over the top-k survivors, as the reference: running sum of e in descending order, Z its
+            # last value (or the row's whole mass when top-k is off); e_p = e at the first position reaching
+            # p * Z. Exact when that position lies among the first n_plus.
+            run = tl.cumsum(tl.where((pos < n_plus) & (vs >= t_k), es, 0.0), axis=0)
+            z_k = tl.where(k_on, tl.max(run, axis=0), z_all)
+            hit = (run >= p * z_k) & (pos < n_plus)
+            m_pos = tl.min(tl.where(hit, pos, NC), axis=0)
+            p_undetermined = p_on & k_on & (~k_known)  # Z unknown: top-k survivors lie beyond the gathered
+            p_known = p_on & (~p_undetermined) & (m_pos < n_plus)
+            p_below = p_on & (~p_undetermined) & (m_pos >= n_plus)  # then e_p <= u_e
+            e_p = tl.sum(tl.where(pos == m_pos, es, 0.0), axis=0)
+            e_p = tl.where(p_known, e_p, 0.0)
+            mp_eff = tl.where(mp_on, mp, 0.0)
+
+            # Complete: no token outside the gathered groups survives (none exists, or a filter drops them).
+            complete = (u_x == float("-inf")) | (k_on & k_known) | (p_known & (e_p > u_e)) | (mp_on & (mp > u_e))
+            complete = complete & (~p_undetermined)
+            keep2 = (x2 > float("-inf")) & (t2 >= t_k) & (e2 >= e_p) & (e2 >= mp_eff)
+            seed = tl.load(seed_ptr + row)
+            score2 = tl.where(keep2, t2 - _log_exponential(seed, tok2), float("-inf"))
+            best2 = tl.max(tl.max(score2, axis=1), axis=0)
+            tok_c = tl.min(tl.min(tl.where(score2 == best2, tok2, 2147483647), axis=1), axis=0)
+
+            # Otherwise: if the unfiltered winner provably survives the filters it is the answer (the race over
+            # a subset that contains the overall winner has the same winner); if not, the row is flagged.
+            x_w = tl.load(lrow_ptr + tok).to(tl.float32)
+            t_w = tl.math.div_rn(x_w - M, T)
+            e_w = tl.exp(t_w)
+            w_k = (~k_on) | (k_known & (t_w >= t_k)) | ((~k_known) & (t_w > u_t))
+            w_p = (~p_on) | (p_known & (e_w >= e_p)) | (p_below & (e_w >= u_e))
+            w_kept = w_k & w_p & (e_w >= mp_eff) & (~p_undetermined)
+            tok = tl.where(complete, tok_c, tok)
+            flag = tl.where(complete | w_kept, 0, 1)
+            if FORCE_FALLBACK:
+                flag = 1
+        tl.store(flag_ptr + row, flag)
+
+    tl.store(out_tok_ptr + row, tok.to(tl.int64))
+    if LOGPROBS:
+        lp = tl.load(lrow_ptr + tl.maximum(tok, 0)).to(tl.float32) - lse
+        tl.store(out_lp_ptr + row, tl.where(tok < 0, float("-inf"), lp))
+
+
+@triton.jit
+def _count_ge(lrow_ptr, mrow_ptr, V, W, M, T, t_floor, key, NT, TILE: tl.constexpr):
+    """Number of allowed tokens with t >= t_floor and ordered key of t >= key."""
+    n = 0
+    for tile in range(NT):
+        x, tok = _load_tile(lrow_ptr, mrow_ptr, tile, V, W, TILE)
+        t = tl.math.div_rn(x - M, T)
+        ok = (x > float("-inf")) & (t >= t_floor) & (_ordkey(t) >= key)
+        n += tl.sum(tl.sum(ok.to(tl.int32), axis=1), axis=0)
+    return n
+
+
+@triton.jit
+def _mass_ge(lrow_ptr, mrow_ptr, V, W, M, T, t_floor, e_floor, NT, TILE: tl.constexpr):
+    """Sum of e = exp(t) over allowed tokens with t >= t_floor and e >= e_floor."""
+    z = 0.0
+    for tile in range(NT):
+        x, tok = _load_tile(lrow_ptr, mrow_ptr, tile, V, W, TILE)
+        t = tl.math.div_rn(x - M, T)
+        e = tl.exp(t)
+        ok = (x > float("-inf")) & (t >= t_floor) & (e >= e_floor)
+        z += tl.sum(tl.sum(tl.where(ok, e, 0.0), axis=1), axis=0)
+    return z
+
+
+@triton.jit(do_not_specialize=["temp_val", "topk_val", "topp_val", "minp_val"])
+def _fallback_kernel(
+    logits_ptr,
+    stride_l,
+    mask_ptr,
+    idx_ptr,
+    seed_ptr,
+    B,
+    V,
+    W,
+    temp_ptr,
+    temp_val,
+    topk_ptr,
+    topk_val,
+    topp_ptr,
+    topp_val,
+    minp_ptr,
+    minp_val,
+    row_f_ptr,
+    row_i_ptr,
+    flag_ptr,
+    out_tok_ptr,
+    out_lp_ptr,
+    NT,
+    TILE: tl.constexpr,
+    HAS_IDX: tl.constexpr,
+    TEMP_PER_ROW: tl.constexpr,
+    TOPK_PER_ROW: tl.constexpr,
+    TOPP_PER_ROW: tl.constexpr,
+    MINP_PER_ROW: tl.constexpr,
+    LOGPROBS: tl.constexpr,
+):
+    """Kernel D: exact filters by bisection over the whole row, for the rows kernel C flagged."""
+    row = tl.program_id(0)
+    if tl.load(flag_ptr + row) != 0:
+        lrow, V, W = _row_of(idx_ptr, row, B, V, W, HAS_IDX)
+        lrow_ptr = logits_ptr + lrow * stride_l
+        mrow_ptr = mask_ptr + row.to(tl.int64) * W
+        T = _param(temp_ptr, temp_val, row, TEMP_PER_ROW, tl.float32)
+        k = _param(topk_ptr, topk_val, row, TOPK_PER_ROW, tl.int64)
+        p = _param(topp_ptr, topp_val, row, TOPP_PER_ROW, tl.float32)
+        mp = _param(minp_ptr, minp_val, row, MINP_PER_ROW, tl.float32)
+        M = tl.load(row_f_ptr + row * 3 + 0)
+        lse = tl.load(row_f_ptr + row * 3 + 2)
+        w = tl.load(row_i_ptr + row * 2 + 0)
+        cnt = tl.load(row_i_ptr + row * 2 + 1)
+        seed = tl.load(seed_ptr + row)
+
+        # top-k: the largest key with at least k tokens at or above it is the k-th largest t.
+        t_k = float("-inf")
+        if (k > 0) & (k < cnt):
+            lo = -2139095040  # key of -FLT_MAX: every finite t is at or above it
+            hi = 0  # key of 0.0 = max t
+            while lo < hi:
+                mid = lo + (hi - lo + 1) // 2
+                n = _count_ge(lrow_ptr, mrow_ptr, V, W, M, T, float("-inf"), mid, NT, TILE)
+                if n >= k:
+                    lo = mid
+                else:
+                    hi = mid - 1
+            t_k = _from_ordkey(lo)
+        # top-p: the largest e value v with mass(e >= v) >= p * Z over the top-k survivors.
+        e_p = 0.0
+        if p < 1.0:
+            z_k = _mass_ge(lrow_ptr, mrow_ptr, V, W, M, T, t_k, 0.0, NT, TILE)
+            target = p * z_k
+            lo = 0  # bits of 0.0
+            hi = 1065353216  # bits of 1.0 = max e
+            while lo < hi:
+                mid = lo + (hi - lo + 1) // 2
+                z = _mass_ge(lrow_ptr, mrow_ptr, V, W, M, T, t_k, mid.to(tl.float32, bitcast=True), NT, TILE)
+                if z >= target:
+                    lo = mid
+                else:
+                    hi = mid - 1
+            e_p = lo.to(tl.float32, bitcast=True)
+        e_floor = tl.maximum(e_p, tl.where(mp > 0.0, mp, 0.0))
+
+        x_w = tl.load(lrow_ptr + w).to(tl.float32)
+        t_w = tl.math.div_rn(x_w - M, T)
+        tok = w
+        if (t_w < t_k) | (tl.exp(t_w) < e_floor):
+            best = float("-inf")
+            tok = 2147483647
+            for tile in range(NT):
+                x, toks = _load_tile(lrow_ptr, mrow_ptr, tile, V, W, TILE)
+                t = tl.math.div_rn(x - M, T)
+                keep = (x > float("-inf")) & (t >= t_k) & (tl.exp(t) >= e_floor)
+                score = tl.where(keep, t - _log_exponential(seed, toks), float("-inf"))
+                tile_best = tl.max(tl.max(score, axis=1), axis=0)
+                tile_tok = tl.min(tl.min(tl.where(score == tile_best, toks, 2147483647), axis=1), axis=0)
+                better = tile_best > best
+                tok = tl.where(better, tile_tok, tok)
+                best = tl.where(better, tile_best, best)
+        tl.store(out_tok_ptr + row, tok.to(tl.int64))
+        if LOGPROBS:
+            lp = tl.load(lrow_ptr + tok).to(tl.float32) - lse
+            tl.store(out_lp_ptr + row, lp)
+
+
+@triton.jit
+def _apply_bitmask_kernel(logits_ptr, stride_l, mask_ptr, idx_ptr, V, W, TILE: tl.constexpr, HAS_IDX: tl.constexpr):
+    """Write -inf over the disallowed logits of one tile of one listed row (loads no logits)."""
+    r = tl.program_id(0)
+    tile = tl.program_id(1)
+    if HAS_IDX:
+        row = tl.load(idx_ptr + r).to(tl.int64)
+    else:
+        row = r.to(tl.int64)
+    G: tl.constexpr = TILE // 32
+    gid = tile * G + tl.arange(0, G)
+    lane = tl.arange(0, 32)
+    tok = gid[:, None] * 32 + lane[None, :]
+    word = tl.load(mask_ptr + row * W + gid, mask=gid < W, other=-1)
+    off = ((word[:, None] >> lane[None, :]) & 1) == 0
+    neg = tl.full((G, 32), float("-inf"), logits_ptr.dtype.element_ty)
+    tl.store(logits_ptr + row * stride_l + tok, neg, mask=off & (tok < V))
+
+
+# ----------------------------------------------------------------------------------------------- python
+
+
+@functools.cache
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << max(0, int(n) - 1).bit_length()
+
+
+def _row_arg(value: float | int | Tensor, dtype: torch.dtype, device: torch.device) -> tuple[Tensor | None, float]:
+    """(per-row tensor or None, scalar) kernel arguments for a parameter given as a scalar or an (N,) tensor."""
+    if isinstance(value, Tensor):
+        return value.to(device=device, dtype=dtype).contiguous(), 0
+    return None, float(value) if dtype.is_floating_point else int(value)
+
+
+def _plan(n_rows: int, n_tiles: int, device: torch.device, config: SamplingConfig) -> tuple[int, int]:
+    """(slices per row, tiles per slice): enough programs to fill the device, whole tiles per slice."""
+    target = config.target_programs
+    if target is None:
+        target = 4 * _sm_count(device.index or 0) if device.type == "cuda" else 4
+    slices = max(1, min(n_tiles, -(-target // n_rows)))
+    tiles_per_slice = -(-n_tiles // slices)
+    return -(-n_tiles // tiles_per_slice), tiles_per_slice
+
+
+@torch.no_grad()
+def masked_sample_triton(
+    logits: Tensor,
+    bitmask: Tensor,
+    *,
+    temperature: float | Tensor = 1.0,
+    top_k: int | Tensor = 0,
+    top_p: float | Tensor = 1.0,
+    min_p: float | Tensor = 0.0,
+    generator: torch.Generator | None = None,
+    seeds: Tensor | None = None,
+    indices: Tensor | None = None,
+    return_logprobs: bool = False,
+    config: SamplingConfig | None = None,
+) -> Tensor | tuple[Tensor, Tensor]:
+    """Fused masked sampling: the semantics of `torch_sampling.masked_sample_torch`, token for token.
+
+    logits: `(B, V)` float32/bfloat16/float16 on a CUDA device (any device under TRITON_INTERPRET=1).
+    bitmask: int32 `(N, ceil(V/32))`, same device. indices: None (N == B) or `(N,)` integers in [0, B).
+    temperature / top_k / top_p / min_p: python scalars or `(N,)` tensors. seeds `(N,)` int64, or drawn with
+    `row_seeds` from `generator` (torch's default CPU generator when None), as the reference does.
+    Returns int64 tokens `(N,)` (-1 for a row with no allowed finite logit) and, with `return_logprobs`,
+    float32 `log_softmax(masked logits)[token]` (-inf for an empty row). Inputs are assumed valid
+    (`constrain.sampling` checks them); nothing is modified. `config` tunes the launch, never the result.
+    """
+    config = config or DEFAULT_CONFIG
+    device = logits.device
+    n_rows = bitmask.shape[0]
+    batch, vocab = logits.shape
+    words = bitmask.shape[1]
+    seed = row_seeds(n_rows, generator=generator, seeds=seeds, device=device).contiguous()
+    tokens = torch.empty(n_rows, dtype=torch.int64, device=device)
+    logprobs = torch.empty(n_rows if return_logprobs else 1, dtype=torch.float32, device=device)
+    if n_rows == 0:
+        return (tokens, logprobs) if return_logprobs else tokens
+    if logits.stride(1) != 1:
+        logits = logits.contiguous()
+    bitmask = bitmask.contiguous()
+    idx = None if indices is None else indices.to(device=device, dtype=torch.int64).contiguous()
+
+    temp_t, temp_v = _row_arg(temperature, torch.float32, device)
+    topk_t, topk_v = _row_arg(top_k, torch.int64, device)
+    topp_t, topp_v = _row_arg(top_p, torch.float32, device)
+    minp_t, minp_v = _row_arg(min_p, torch.float32, device)
+    filters = topk_t is not None or topp_t is not None or minp_t is not None
+    filters = filters or topk_v != 0 or topp_v != 1.0 or minp_v != 0.0
+    all_greedy = temp_t is None and temp_v == 0
+    filters = filters and not all_greedy
+
+    tile = config.tile
+    n_tiles = triton.cdiv(vocab, tile)
+    slices, tiles_per_slice = _plan(n_rows, n_tiles, device, config)
+    sp = _next_pow2(slices)
+    kg = min(config.groups_per_split, tile // 32)
+    kg2 = min(config.gathered_groups, sp * kg)
+
+    f32 = dict(dtype=torch.float32, device=device)
+    i32 = dict(dtype=torch.int32, device=device)
+    ws_m = torch.empty(n_rows, slices, **f32)
+    ws_arg = torch.empty(n_rows, slices, **i32)
+    ws_cnt = torch.empty(n_rows, slices, **i32)
+    ws_tmax = torch.empty(n_rows, n_tiles, **f32)
+    ws_s = torch.empty(n_rows, slices, **f32) if return_logprobs else ws_m
+    ws_z = torch.empty(n_rows, slices, **f32) if filters else ws_m
+    ws_gk = torch.empty(n_rows, slices, kg, dtype=torch.int64, device=device) if filters else ws_m
+    ws_score = torch.empty(n_rows, slices, **f32)
+    ws_tok = torch.empty(n_rows, slices, **i32)
+    row_f = torch.empty(n_rows, 3, **f32) if filters else ws_m
+    row_i = torch.empty(n_rows, 2, **i32) if filters else ws_arg
+    flag = torch.empty(n_rows, **i32) if filters else ws_arg
+
+    dummy = seed  # any tensor: the kernels never read a parameter pointer whose PER_ROW flag is off
+    common = (logits, logits.stride(0), bitmask, dummy if idx is None else idx)
+    temp_args = (dummy if temp_t is None else temp_t, temp_v)
+    flags = dict(HAS_IDX=idx is not None, TEMP_PER_ROW=temp_t is not None)
+    # Exact float32 arithmetic as in the reference: no fused multiply-adds.
+    opts = dict(num_warps=config.num_warps, enable_fp_fusion=False)
+
+    _stats_kernel[(n_rows, slices)](
+        *common, batch, vocab, words, *temp_args,
+        ws_m, ws_arg, ws_cnt, ws_tmax, ws_s, ws_z, ws_gk,
+        n_tiles, tiles_per_slice, slices,
+        TILE=tile, KG=kg, LOGPROBS=return_logprobs, FILTER=filters, **flags, **opts,
+    )  # fmt: skip
+    if not all_greedy:
+        _race_kernel[(n_rows, slices)](
+            *common, seed, batch, vocab, words, *temp_args,
+            ws_m, ws_tmax, ws_score, ws_tok,
+            n_tiles, tiles_per_slice, slices,
+            SP=sp, TILE=tile, **flags, **opts,
+        )  # fmt: skip
+    param_args = (
+        *temp_args,
+        dummy if topk_t is None else topk_t, int(topk_v),
+        dummy if topp_t is None else topp_t, float(topp_v),
+        dummy if minp_t is None else minp_t, float(minp_v),
+    )  # fmt: skip
+    param_flags = dict(
+        **flags,
+        TOPK_PER_ROW=topk_t is not None,
+        TOPP_PER_ROW=topp_t is not None,
+        MINP_PER_ROW=minp_t is not None,
+        LOGPROBS=return_logprobs,
+    )
+    _finish_kernel[(n_rows,)](
+        *common, seed, batch, vocab, words, *param_args,
+        ws_m, ws_arg, ws_cnt, ws_s, ws_z, ws_gk, ws_score, ws_tok, row_f, row_i, flag, tokens, logprobs,
+        slices,
+        SP=sp, KG=kg, KG2=kg2, FILTER=filters, FORCE_FALLBACK=config.force_fallback, **param_flags,
+        num_warps=8 if filters else 4, enable_fp_fusion=False,
+    )  # fmt: skip
+    if filters:
+        _fallback_kernel[(n_rows,)](
+            *common, seed, batch, vocab, words, *param_args,
+            row_f, row_i, flag, tokens, logprobs,
+            n_tiles,
+            TILE=tile, **param_flags, **opts,
+        )  # fmt: skip
+    return (tokens, logprobs) if return_logprobs else tokens
+
+
+@torch.no_grad()
+def apply_bitmask_triton_(logits: Tensor, bitmask: Tensor, indices: Tensor | None = None) -> Tensor:
+    """Set the logits that `bitmask` disallows to -inf in place and return `logits` (one fused kernel).
+
+    Semantics of `torch_sampling.apply_bitmask_torch_` (XGrammar's): indices None masks logits row `b` with
+    bitmask row `b`; otherwise only logits rows `indices[k]`, each with bitmask row `indices[k]`. Bits past
+    V are ignored. Only disallowed positions are written; allowed logits are neither read nor written.
+    """
+    batch, vocab = logits.shape
+    if logits.stride(1) != 1:
+        raise ValueError(f"apply_bitmask_triton_ needs logits with a contiguous last dim, got {logits.stride()}")
+    bitmask = bitmask.contiguous()
+    if indices is None:
+        rows, idx = batch, bitmask
+    else:
+        idx = indices.to(device=logits.device, dtype=torch.int64).contiguous()
+        rows = idx.numel()
+    if rows == 0:
+        return logits
+    tile = 1024
+    grid = (rows, triton.cdiv(vocab, tile))
+    _apply_bitmask_kernel[grid](
+        logits, logits.stride(0), bitmask, idx, vocab, bitmask.shape[1], TILE=tile, HAS_IDX=indices is not None,
+        num_warps=4,
+    )  # fmt: skip
+    return logits
+
+
+def with_config(**changes: object) -> SamplingConfig:
+    """`DEFAULT_CONFIG` with some fields changed (for tests and benchmarks)."""
+    return replace(DEFAULT_CONFIG, **changes)
