@@ -107,6 +107,9 @@ class SharedPrefixLayer(CacheLayerMixin):
         self.shared_values: list[Tensor] = []
         self.capacity = max(1, int(capacity))
         self.length = 0  # used positions of the own buffers
+        # Static mode (fixed buffers for CUDA graphs): the write position and fill level live on the device.
+        self.write_pos: Tensor | None = None
+        self.valid: Tensor | None = None
 
     def lazy_initialization(self, key_states: Tensor, value_states: Tensor) -> None:
         self.dtype, self.device = key_states.dtype, key_states.device
@@ -133,6 +136,10 @@ class SharedPrefixLayer(CacheLayerMixin):
         """Append `(B, Hkv, q, D)` keys/values to the own level; return its used part `(B, Hkv, len, D)`."""
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
+        if self.write_pos is not None:  # static mode: one position per step, at a device-side index
+            self.keys.index_copy_(2, self.write_pos, key_states)
+            self.values.index_copy_(2, self.write_pos, value_states)
+            return self.keys, self.values
         batch, _, new, _ = key_states.shape
         if self.keys is None or self.keys.shape[0] != batch or self.length + new > self.keys.shape[2]:
             if self.keys is not None and self.keys.shape[0] != batch and self.length:
@@ -170,12 +177,21 @@ class SharedPrefixLayer(CacheLayerMixin):
         if self.keys is None:
             return
         idx = beam_idx.to(self.keys.device)
+        if self.write_pos is not None:  # static buffers keep their storage (a CUDA graph reads them)
+            if idx.shape[0] != self.keys.shape[0]:
+                raise ConstraintError(
+                    "static shared-prefix cache: reorder() must keep the number of branches"
+                )
+            self.keys.copy_(self.keys.index_select(0, idx))
+            self.values.copy_(self.values.index_select(0, idx))
+            return
         self.keys = self.keys.index_select(0, idx)
         self.values = self.values.index_select(0, idx)
 
     def reset(self) -> None:
         self.keys = self.values = None
         self.length = 0
+        self.write_pos = self.valid = None
 
 
 class SharedPrefixCache(Cache):
@@ -262,8 +278,47 @@ class SharedPrefixCache(Cache):
         """The attention levels of one layer: the shared segments, then the own level (causal)."""
         layer = self.layers[layer_idx]
         levels = [KVLevel(k, v) for k, v in zip(layer.shared_keys, layer.shared_values, strict=True)]
-        levels.append(KVLevel(own_keys, own_values, causal=True))
+        if layer.write_pos is not None:  # static: the whole buffer, filled up to `valid`
+            levels.append(KVLevel(own_keys, own_values, length=layer.valid))
+        else:
+            levels.append(KVLevel(own_keys, own_values, causal=True))
         return levels
+
+    @property
+    def static(self) -> bool:
+        """Whether the own levels are fixed-size buffers written at a device-side position."""
+        return bool(self.layers) and self.layers[0].write_pos is not None
+
+    def make_static(self, batch: int, capacity: int) -> tuple[Tensor, Tensor]:
+        """Switch to fixed own buffers of `batch` rows and `capacity` positions (zeroed past the used part);
+        return the device tensors `(write_pos (1,), valid ())` that the caller sets before each step."""
+        if not self.segments:
+            raise ConstraintError("make_static() needs the prompt's shared level first (prefill)")
+        like = self.segments[0]
+        device = like.keys[0].device
+        write_pos = torch.zeros(1, dtype=torch.long, device=device)
+        valid = torch.zeros((), dtype=torch.long, device=device)
+        for i, layer in enumerate(self.layers):
+            own = layer.own()
+            if own is not None and own[0].shape[0] != batch:
+                raise ConstraintError(f"make_static({batch}): the cache holds {own[0].shape[0]} branches")
+            buffers = []
+            for ref, used in zip((like.keys[i], like.values[i]), own or (None, None), strict=True):
+                buf = torch.zeros(
+                    (batch, ref.shape[1], capacity, ref.shape[3]), dtype=ref.dtype, device=device
+                )
+                if used is not None:
+                    buf[:, :, : used.shape[2]] = used
+                buffers.append(buf)
+            layer.keys, layer.values = buffers
+            layer.capacity = capacity
+            layer.write_pos, layer.valid = write_pos, valid
+        return write_pos, valid
+
+    def make_dynamic(self) -> None:
+        """Leave static mode: the used part of the buffers stays, later updates append as usual."""
+        for layer in self.layers:
+            layer.write_pos = layer.valid = None
 
     def memory(self) -> KVMemory:
         """Bytes held: shared levels once, own levels as allocated and as used."""
@@ -465,12 +520,18 @@ class SharedKV:
 
     `store`: a `PrefixStore` to reuse (and record) prompt prefixes across requests, or None.
     `capacity`: positions to preallocate per branch for generated tokens (grows if exceeded).
+    `cuda_graph`: run decode steps on fixed buffers of `capacity` positions, captured once in a CUDA graph
+    and replayed (on a CPU model the same fixed-buffer step runs eagerly). It leaves that mode, for good,
+    when the number of branches changes, the buffers are full, or tokens are promoted; if the capture
+    fails it warns and replays nothing. Check `graph_steps` for how many steps were replayed.
     Raises `SharedPrefixUnsupportedError` if the model is not supported (see `shared_prefix_support`).
     """
 
     shared = True
 
-    def __init__(self, model: Any, *, store: PrefixStore | None = None, capacity: int = 64):
+    def __init__(
+        self, model: Any, *, store: PrefixStore | None = None, capacity: int = 64, cuda_graph: bool = False
+    ):
         reason = shared_prefix_support(model)
         if reason is not None:
             raise SharedPrefixUnsupportedError(f"shared-prefix KV cache: {reason}")
@@ -481,6 +542,10 @@ class SharedKV:
         self.store = store
         self.reused_tokens = 0  # prompt tokens taken from the store by the last prefill
         self.length = 0  # positions so far (prompt + generated)
+        self._static_wanted = cuda_graph
+        self._graph: Any = None
+        self._graph_failed = False
+        self.graph_steps = 0
 
     def _run(self, input_ids: Tensor, start: int) -> Tensor:
         batch, new = input_ids.shape
@@ -521,18 +586,84 @@ class SharedKV:
             raise ConstraintError(f"fork(n) needs n >= 1, got {n}")
         if self.cache.own_length:
             self.reorder(torch.zeros(n, dtype=torch.long))
-        self._branches = n
 
     def step(self, tokens: Tensor) -> Tensor:
         """Feed one token per branch `(B,)`; return float logits `(B, V)`."""
-        return self._run(tokens.to(self.forward.device).view(-1, 1), self.length)
+        tokens = tokens.to(self.forward.device).view(-1, 1)
+        if self._static_wanted and self.cache.own_length < self.capacity:
+            if not self.cache.static and (self.cache.own_length == 0 or self.cache.batch == tokens.shape[0]):
+                self._enter_static(tokens.shape[0])
+            if self.cache.static and self.cache.batch == tokens.shape[0]:
+                return self._static_step(tokens)
+        self._leave_static()
+        return self._run(tokens, self.length)
+
+    # -- fixed buffers and CUDA graphs ----------------------------------------------------------------------
+    def _enter_static(self, batch: int) -> None:
+        self._write_pos, self._valid = self.cache.make_static(batch, self.capacity)
+        self._ids = torch.zeros((batch, 1), dtype=torch.long, device=self.forward.device)
+        self._positions = torch.zeros((batch, 1), dtype=torch.long, device=self.forward.device)
+        self._graph = None
+
+    def _leave_static(self) -> None:
+        if self.cache.static:
+            self.cache.make_dynamic()
+        self._graph = None
+        self._static_wanted = False
+
+    def _static_forward(self) -> Tensor:
+        with attach(self.model, self.cache):
+            return self.forward(self._ids, self._positions, self.cache).logits[:, -1, :]
+
+    def _capture(self) -> None:
+        """Capture one decode step in a CUDA graph (after two warm-up runs on a side stream)."""
+        side = torch.cuda.Stream(self.forward.device)
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                self._static_forward()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            self._graph_out = self._static_forward()
+        self._graph = graph
+
+    def _static_step(self, tokens: Tensor) -> Tensor:
+        own = self.cache.own_length
+        self._ids.copy_(tokens)
+        self._positions.fill_(self.length)
+        self._write_pos.fill_(own)
+        self._valid.fill_(own + 1)
+        logits = None
+        if self.forward.device.type == "cuda" and not self._graph_failed:
+            if self._graph is None:
+                try:
+                    self._capture()
+                except Exception as error:  # noqa: BLE001 - any capture failure: run eagerly instead
+                    self._graph_failed = True
+                    warnings.warn(
+                        f"CUDA graph capture failed ({error}); decoding without graphs", stacklevel=3
+                    )
+            if self._graph is not None:
+                self._graph.replay()
+                logits = self._graph_out.clone()
+                self.graph_steps += 1
+        if logits is None:
+            logits = self._static_forward()
+        for layer in self.cache.layers:
+            layer.length = own + 1
+        self.length += 1
+        return logits
 
     def reorder(self, parents: Tensor) -> None:
         """Branch `i` continues old branch `parents[i]` (any number of branches): copies own rows only."""
+        if self.cache.static and parents.shape[0] != self.cache.batch:
+            self._leave_static()
         self.cache.reorder_cache(parents.to(self.forward.device))
 
     def promote(self, n_tokens: int) -> None:
         """Share the first `n_tokens` generated tokens, identical in every branch (`SharedPrefixCache`)."""
+        self._leave_static()
         self.cache.promote(n_tokens)
 
     def memory(self) -> KVMemory:
@@ -587,17 +718,22 @@ class CopiedKV:
 
 
 def open_branches(
-    model: Any, *, share_prefix: bool | None = None, store: PrefixStore | None = None, capacity: int = 64
+    model: Any,
+    *,
+    share_prefix: bool | None = None,
+    store: PrefixStore | None = None,
+    capacity: int = 64,
+    cuda_graph: bool = False,
 ) -> SharedKV | CopiedKV:
     """A `SharedKV` for `model`, or a `CopiedKV` with a `SharedPrefixFallbackWarning` if prefix sharing is not
     supported. `share_prefix=True` raises `SharedPrefixUnsupportedError` instead of falling back;
-    `share_prefix=False` always copies.
+    `share_prefix=False` always copies. `cuda_graph`: see `SharedKV`.
     """
     if share_prefix is False:
         return CopiedKV(model)
     reason = shared_prefix_support(model)
     if reason is None:
-        return SharedKV(model, store=store, capacity=capacity)
+        return SharedKV(model, store=store, capacity=capacity, cuda_graph=cuda_graph)
     if share_prefix:
         raise SharedPrefixUnsupportedError(f"share_prefix=True, but the shared-prefix KV cache {reason}")
     warnings.warn(

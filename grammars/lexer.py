@@ -214,10 +214,13 @@ class Frontier:
                 break
             words[:] = 0
             cap = trie.n_nodes
-        groups: dict[tuple[int, ...], list[int]] = {}
+        # Nested roots can reach the same boundary node twice: keep each node once per accept set.
+        groups: dict[tuple[int, ...], set[int]] = {}
         for node, s in zip(b_nodes[:nb].tolist(), b_states[:nb].tolist(), strict=True):
-            groups.setdefault(lexer.accepts[s], []).append(node)
-        result_groups = [(acc, Frontier(np.asarray(nodes, dtype=np.int32))) for acc, nodes in groups.items()]
+            groups.setdefault(lexer.accepts[s], set()).add(node)
+        result_groups = [
+            (acc, Frontier(np.asarray(sorted(nodes), dtype=np.int32))) for acc, nodes in groups.items()
+        ]
         if n_tok == 0:
             result = WalkResult(None, None, result_groups)
         elif n_tok <= SPARSE_IDS:

@@ -113,7 +113,7 @@ def room_at_least(room, block_max, super_max, a, b, need):
             return True
         i += 1
     while i + 64 <= b and (i & 4095):
-        if block_max[i >> _BLOCK_SHIFT] >= need:
+        if block_max[(i >> _BLOCK_SHIFT) + 1] >= need:
             return True
         i += 64
     while i + 4096 <= b:
@@ -206,7 +206,7 @@ def fill_sparse(text, starts, tokens, lo, hi, depth, allowed, min_tokens, room, 
         last = k
         while last + step < hi and text[starts[last + step] + depth] == symbol:
             last += step
-            step <<= 2
+            step <<= 1
         end = _upper_bound(text, starts, last + 1, min(last + step, hi), depth, symbol)
         if symbol >= 2:
             token = tokens[symbol - 2]

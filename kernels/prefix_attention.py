@@ -55,24 +55,28 @@ class KVLevel:
     tensor, branch `b` reads row `rows[b]` (a level shared by subsets of branches). `causal`: the M queries
     are the last M positions of this level, so query `i` sees keys `j <= L - M + i` (the level being written
     this step); otherwise every query sees all L keys (earlier levels lie wholly before the queries).
+    `length`: a 0-d int64 tensor on the keys' device; only the first `length` positions hold keys, the rest
+    of the buffer is ignored (fixed-size buffers whose fill level lives on the device, as CUDA graphs need).
     """
 
     keys: Tensor
     values: Tensor
     rows: Tensor | None = None
     causal: bool = False
+    length: Tensor | None = None
 
 
 # -- one attention block with its log-sum-exp ----------------------------------------------------------------
 def reference_level_attention(
-    q: Tensor, k: Tensor, v: Tensor, scale: float, causal: bool = False
+    q: Tensor, k: Tensor, v: Tensor, scale: float, causal: bool = False, length: Tensor | None = None
 ) -> tuple[Tensor, Tensor]:
     """Attention with log-sum-exp, in float32 by explicit matmul and softmax (the reference semantics).
 
     Shapes: `q (R, Hkv, Q, D)`, `k, v (R, Hkv, L, D)` (query rows may stack several heads or branches).
     Returns `out (R, Hkv, Q, D)` and `lse (R, Hkv, Q)`, both float32; a query that sees no key gets `out = 0`,
     `lse = -inf`. With `causal`, query row `i` sees keys `j <= L - Q + i` (bottom-right alignment), so callers
-    pass `causal=True` only when the Q rows are exactly the last Q positions of the keys.
+    pass `causal=True` only when the Q rows are exactly the last Q positions of the keys. `length` (a 0-d
+    tensor): keys at positions `>= length` are ignored.
     """
     rows, heads, n_q, dim = q.shape
     n_k = k.shape[2]
@@ -88,6 +92,8 @@ def reference_level_attention(
         if causal:
             qi = torch.arange(start, stop, device=q.device)[:, None] + (n_k - n_q)
             scores = scores.masked_fill(torch.arange(n_k, device=q.device)[None, :] > qi, float("-inf"))
+        if length is not None:
+            scores = scores.masked_fill(torch.arange(n_k, device=q.device) >= length, float("-inf"))
         block_lse = torch.logsumexp(scores, dim=-1)
         finite = torch.isfinite(block_lse)
         weights = torch.exp(scores - torch.where(finite, block_lse, torch.zeros_like(block_lse))[..., None])
@@ -137,17 +143,24 @@ def _fused_applies(q: Tensor, k: Tensor, causal: bool) -> bool:
 
 
 def attention_with_lse(
-    q: Tensor, k: Tensor, v: Tensor, scale: float, causal: bool = False, *, fused: bool = True
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    scale: float,
+    causal: bool = False,
+    *,
+    fused: bool = True,
+    length: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Attention of grouped queries `q (R, Hkv, Q, D)` over `k, v (R, Hkv, L, D)` with its log-sum-exp.
 
     Returns `(out (R, Hkv, Q, D), lse (R, Hkv, Q) float32)`; see `reference_level_attention` for the
-    semantics (including `causal`). `fused=False` forces the reference.
+    semantics (including `causal` and `length`). `fused=False` forces the reference.
     """
-    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-    if fused and _fused_applies(q, k, causal):
+    if fused and length is None and _fused_applies(q, k, causal):
+        q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
         return _fused_level_attention(q, k, v, scale, causal)
-    return reference_level_attention(q, k, v, scale, causal)
+    return reference_level_attention(q, k, v, scale, causal, length)
 
 
 def merge_attention_states(states: list[tuple[Tensor, Tensor]]) -> tuple[Tensor, Tensor]:
@@ -197,6 +210,8 @@ def _level_attention(q: Tensor, level: KVLevel, scale: float, fused: bool) -> tu
     rows, heads_kv = k.shape[0], k.shape[1]
     g = hq // heads_kv
     if level.causal and m > 1:
+        if level.length is not None:
+            raise ValueError("a causal level of several new positions cannot have a device-side length")
         # Several new positions of this level (a prompt's prefill): stacked rows would interleave heads or
         # branches with positions, which a causal mask cannot express, so give each branch its own keys for
         # every query head instead (done once per prompt, not per step).
@@ -209,10 +224,12 @@ def _level_attention(q: Tensor, level: KVLevel, scale: float, fused: bool) -> tu
         return attention_with_lse(q, k, v, scale, True, fused=fused)
     # One new position per branch sees every key of every level: no mask from here on.
     if level.rows is None and rows == b:
-        out, lse = attention_with_lse(q.reshape(b, heads_kv, g * m, d), k, v, scale, fused=fused)
+        grouped = q.reshape(b, heads_kv, g * m, d)
+        out, lse = attention_with_lse(grouped, k, v, scale, fused=fused, length=level.length)
         return out.reshape(b, hq, m, -1), lse.reshape(b, hq, m)
     if level.rows is None:  # one row read by every branch: one matrix product for all of them
-        out, lse = attention_with_lse(_stack_branches(q, heads_kv), k, v, scale, fused=fused)
+        stacked = _stack_branches(q, heads_kv)
+        out, lse = attention_with_lse(stacked, k, v, scale, fused=fused, length=level.length)
         return _unstack_branches(out, b, hq, m), _unstack_branches(lse, b, hq, m)
     # Rows shared by subsets of branches: one stacked product per distinct row.
     out = torch.empty((b, hq, m, v.shape[-1]), dtype=torch.float32, device=q.device)
@@ -221,7 +238,12 @@ def _level_attention(q: Tensor, level: KVLevel, scale: float, fused: bool) -> tu
     for row in torch.unique(row_of).tolist():
         members = (row_of == row).nonzero(as_tuple=True)[0]
         o_r, l_r = attention_with_lse(
-            _stack_branches(q[members], heads_kv), k[row : row + 1], v[row : row + 1], scale, fused=fused
+            _stack_branches(q[members], heads_kv),
+            k[row : row + 1],
+            v[row : row + 1],
+            scale,
+            fused=fused,
+            length=level.length,
         )
         out[members] = _unstack_branches(o_r, members.numel(), hq, m).float()
         lse[members] = _unstack_branches(l_r, members.numel(), hq, m)

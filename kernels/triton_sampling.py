@@ -478,27 +478,28 @@ def _finish_kernel(
 
 
 @triton.jit
-def _count_ge(lrow_ptr, mrow_ptr, V, W, M, T, t_floor, key, NT, TILE: tl.constexpr):
-    """Number of allowed tokens with t >= t_floor and ordered key of t >= key."""
-    n = 0
+def _count_at(lrow_ptr, mrow_ptr, V, W, M, T, pivots, NT, TILE: tl.constexpr):
+    """For each pivot key: how many allowed tokens have `_ordkey(t) >= pivot`."""
+    n = tl.zeros(pivots.shape, tl.int32)
     for tile in range(NT):
         x, tok = _load_tile(lrow_ptr, mrow_ptr, tile, V, W, TILE)
-        t = tl.math.div_rn(x - M, T)
-        ok = (x > float("-inf")) & (t >= t_floor) & (_ordkey(t) >= key)
-        n += tl.sum(tl.sum(ok.to(tl.int32), axis=1), axis=0)
+        key = tl.where(x > float("-inf"), _ordkey(tl.math.div_rn(x - M, T)), -2147483648)
+        key = tl.reshape(key, [TILE])
+        n += tl.sum((key[None, :] >= pivots[:, None]).to(tl.int32), axis=1)
     return n
 
 
 @triton.jit
-def _mass_ge(lrow_ptr, mrow_ptr, V, W, M, T, t_floor, e_floor, NT, TILE: tl.constexpr):
-    """Sum of e = exp(t) over allowed tokens with t >= t_floor and e >= e_floor."""
-    z = 0.0
+def _mass_at(lrow_ptr, mrow_ptr, V, W, M, T, t_floor, pivots, NT, TILE: tl.constexpr):
+    """For each pivot (float32 bits): sum of e = exp(t) over allowed tokens with t >= t_floor and e >= pivot."""
+    z = tl.zeros(pivots.shape, tl.float32)
+    floor = pivots.to(tl.float32, bitcast=True)
     for tile in range(NT):
         x, tok = _load_tile(lrow_ptr, mrow_ptr, tile, V, W, TILE)
         t = tl.math.div_rn(x - M, T)
-        e = tl.exp(t)
-        ok = (x > float("-inf")) & (t >= t_floor) & (e >= e_floor)
-        z += tl.sum(tl.sum(tl.where(ok, e, 0.0), axis=1), axis=0)
+        e = tl.where((x > float("-inf")) & (t >= t_floor), tl.exp(t), -1.0)
+        e = tl.reshape(e, [TILE])
+        z += tl.sum(tl.where(e[None, :] >= floor[:, None], e[None, :], 0.0), axis=1)
     return z
 
 
@@ -527,6 +528,7 @@ def _fallback_kernel(
     out_lp_ptr,
     NT,
     TILE: tl.constexpr,
+    PIVOTS: tl.constexpr,
     HAS_IDX: tl.constexpr,
     TEMP_PER_ROW: tl.constexpr,
     TOPK_PER_ROW: tl.constexpr,
@@ -534,7 +536,11 @@ def _fallback_kernel(
     MINP_PER_ROW: tl.constexpr,
     LOGPROBS: tl.constexpr,
 ):
-    """Kernel D: exact filters by bisection over the whole row, for the rows kernel C flagged."""
+    """Kernel D: exact filters for the rows kernel C flagged, by searching float keys over the whole row.
+
+    Each search keeps [lo, hi] around the answer (the largest key whose count / mass reaches the target) and
+    evaluates PIVOTS keys spread over it per pass, so 32-bit keys take about 8 passes with 16 pivots.
+    """
     row = tl.program_id(0)
     if tl.load(flag_ptr + row) != 0:
         lrow, V, W = _row_of(idx_ptr, row, B, V, W, HAS_IDX)
@@ -549,39 +555,36 @@ def _fallback_kernel(
         w = tl.load(row_i_ptr + row * 2 + 0)
         cnt = tl.load(row_i_ptr + row * 2 + 1)
         seed = tl.load(seed_ptr + row)
+        spread = tl.arange(0, PIVOTS).to(tl.int64) + 1
 
-        # top-k: the largest key with at least k tokens at or above it is the k-th largest t.
+        # top-k: the k-th largest t is the largest key with at least k tokens at or above it.
         t_k = float("-inf")
         if (k > 0) & (k < cnt):
             lo = -2139095040  # key of -FLT_MAX: every finite t is at or above it
-            hi = 0  # key of 0.0 = max t
+            hi = 0  # key of 0.0, the largest t
             while lo < hi:
-                mid = lo + (hi - lo + 1) // 2
-                n = _count_ge(lrow_ptr, mrow_ptr, V, W, M, T, float("-inf"), mid, NT, TILE)
-                if n >= k:
-                    lo = mid
-                else:
-                    hi = mid - 1
+                pivots = (lo + ((hi - lo).to(tl.int64) * spread + PIVOTS) // (PIVOTS + 1)).to(tl.int32)
+                ok = _count_at(lrow_ptr, mrow_ptr, V, W, M, T, pivots, NT, TILE) >= k
+                lo = tl.max(tl.where(ok, pivots, lo), axis=0)
+                hi = tl.min(tl.where(ok, hi, pivots - 1), axis=0)
             t_k = _from_ordkey(lo)
-        # top-p: the largest e value v with mass(e >= v) >= p * Z over the top-k survivors.
+        # top-p: e_p is the largest e value v with mass(e >= v) >= p * Z over the top-k survivors.
         e_p = 0.0
         if p < 1.0:
-            z_k = _mass_ge(lrow_ptr, mrow_ptr, V, W, M, T, t_k, 0.0, NT, TILE)
-            target = p * z_k
+            zero = tl.zeros([PIVOTS], tl.int32)
+            target = p * tl.max(_mass_at(lrow_ptr, mrow_ptr, V, W, M, T, t_k, zero, NT, TILE), axis=0)
             lo = 0  # bits of 0.0
-            hi = 1065353216  # bits of 1.0 = max e
+            hi = 1065353216  # bits of 1.0, the largest e
             while lo < hi:
-                mid = lo + (hi - lo + 1) // 2
-                z = _mass_ge(lrow_ptr, mrow_ptr, V, W, M, T, t_k, mid.to(tl.float32, bitcast=True), NT, TILE)
-                if z >= target:
-                    lo = mid
-                else:
-                    hi = mid - 1
+                pivots = (lo + ((hi - lo).to(tl.int64) * spread + PIVOTS) // (PIVOTS + 1)).to(tl.int32)
+                ok = _mass_at(lrow_ptr, mrow_ptr, V, W, M, T, t_k, pivots, NT, TILE) >= target
+                lo = tl.max(tl.where(ok, pivots, lo), axis=0)
+                hi = tl.min(tl.where(ok, hi, pivots - 1), axis=0)
             e_p = lo.to(tl.float32, bitcast=True)
         e_floor = tl.maximum(e_p, tl.where(mp > 0.0, mp, 0.0))
 
-        x_w = tl.load(lrow_ptr + w).to(tl.float32)
-        t_w = tl.math.div_rn(x_w - M, T)
+        # The unfiltered winner stands if it survives; else race over the survivors.
+        t_w = tl.math.div_rn(tl.load(lrow_ptr + w).to(tl.float32) - M, T)
         tok = w
         if (t_w < t_k) | (tl.exp(t_w) < e_floor):
             best = float("-inf")
@@ -762,11 +765,12 @@ def masked_sample_triton(
         num_warps=8 if filters else 4, enable_fp_fusion=False,
     )  # fmt: skip
     if filters:
+        fb_tile = min(tile, 512)  # PIVOTS x fb_tile values per program
         _fallback_kernel[(n_rows,)](
             *common, seed, batch, vocab, words, *param_args,
             row_f, row_i, flag, tokens, logprobs,
-            n_tiles,
-            TILE=tile, **param_flags, **opts,
+            triton.cdiv(vocab, fb_tile),
+            TILE=fb_tile, PIVOTS=16, **param_flags, **opts,
         )  # fmt: skip
     return (tokens, logprobs) if return_logprobs else tokens
 

@@ -29,6 +29,7 @@ from constrain import (
 )
 from constrain.bitmask import bitmask_words
 from constrain.index.fm import FMIndex, fm_constraint
+from constrain.index.fm_kernels import room_at_least, room_summaries
 from constrain.index.suffix_array import suffix_array
 from constrain.index.wavelet import WaveletMatrix, wm_distinct, wm_follow_pair
 
@@ -136,6 +137,23 @@ def test_wavelet_matrix_rank_and_distinct_match_numpy(sigma, raw, data):
     assert [int(lo[j] - wm.bottom_start[syms[j]]) for j in range(k)] == [
         int(np.count_nonzero(values[:s] == x)) for x in expect
     ]
+
+
+@FAST
+@given(st.integers(1, 20000), st.integers(0, 2**32 - 1), st.data())
+def test_room_at_least_equals_the_maximum_of_the_range(size, seed, data):
+    """Property: room_at_least(a, b, need) is True iff max(room[a:b]) >= need (block maxima included)."""
+    rng = np.random.default_rng(seed)
+    room = rng.integers(0, 8, size).astype(np.uint8)  # mostly small, a few peaks anywhere
+    peaks = rng.integers(0, size, rng.integers(0, 6))
+    room[peaks] = rng.integers(8, 256, peaks.shape[0])
+    block_max, super_max = room_summaries(room)
+    for _ in range(20):
+        a = data.draw(st.integers(0, len(room)))
+        b = data.draw(st.integers(a, len(room)))
+        need = data.draw(st.integers(1, 255))
+        expect = b > a and int(room[a:b].max()) >= need
+        assert room_at_least(room, block_max, super_max, a, b, need) == expect
 
 
 # -- count / locate ----------------------------------------------------------------------------------------

@@ -97,10 +97,12 @@ class BiasedLM(torch.nn.Module):
         self.config = inner.config
         self.register_buffer("bias", bias)
         self.calls = 0
+        self.batch_sizes: list[int] = []
         self.on_forward: Callable[[], None] | None = None
 
     def forward(self, **kwargs):
         self.calls += 1
+        self.batch_sizes.append(kwargs["input_ids"].shape[0])
         if self.on_forward is not None:
             self.on_forward()
         out = self.inner(**kwargs)
@@ -318,7 +320,7 @@ def test_constrained_row_ends_with_eos_only_where_the_matcher_accepts(tiny, tok,
     assert (g.token_ids, g.finish_reason) == ([100, 200, 300], "constraint_complete")
 
 
-def test_rows_end_for_different_reasons_while_the_batch_goes_on(tiny, tok, vocab):
+def test_rows_end_for_different_reasons_and_leave_the_batch_while_it_goes_on(tiny, tok, vocab):
     def constraints():
         return [
             SequencesMatcher(vocab, [[40, 41]], complete=False),  # dead end after two tokens
@@ -338,6 +340,7 @@ def test_rows_end_for_different_reasons_while_the_batch_goes_on(tiny, tok, vocab
     ]
     assert gens[4].finish_reason == "length" and len(gens[4].token_ids) == 4
     assert all(len(g.logprobs) == len(g.token_ids) for g in gens)
+    assert model.batch_sizes == [5, 4, 3, 2]  # ended rows leave the model's batch (and its KV cache)
     for i, constraint in enumerate(constraints()):  # each row alone gives what it gave in the batch
         [alone] = generate(model, tok, [[5]], constraint, max_new_tokens=4)
         assert (alone.token_ids, alone.finish_reason) == (gens[i].token_ids, gens[i].finish_reason)

@@ -160,13 +160,15 @@ def test_queries_that_see_no_key_get_zeros_and_minus_infinity():
 @pytest.mark.parametrize("family", FAMILIES)
 def test_shared_cache_logits_equal_a_full_forward_of_every_branch(family):
     """Prefill once, fork 3 branches, feed each its own tokens: every step's logits equal those of an uncached
-    forward over that branch's whole sequence (fp32 tolerance), as do the copied (plain) path's."""
+    forward over that branch's whole sequence (fp32 tolerance), for the copied (plain) path, the shared cache,
+    and the shared cache's fixed-buffer (CUDA-graph) step, which runs out of room after 4 steps and goes on
+    growing its buffers."""
     model = tiny_model(family)
     gen = torch.Generator().manual_seed(7)
     prompt = torch.randint(3, VOCAB, (17,), generator=gen).tolist()
     fed = torch.randint(3, VOCAB, (3, 6), generator=gen)
     expected = full_logits(model, [prompt + row for row in fed.tolist()])
-    for kv in (SharedKV(model, capacity=4), CopiedKV(model)):  # capacity 4 < 6 steps: the buffer grows
+    for kv in (SharedKV(model, capacity=4), SharedKV(model, capacity=4, cuda_graph=True), CopiedKV(model)):
         with torch.inference_mode():
             first = kv.prefill(prompt)
             kv.fork(3)
@@ -177,19 +179,22 @@ def test_shared_cache_logits_equal_a_full_forward_of_every_branch(family):
     assert model.config._attn_implementation != ATTENTION_NAME  # restored after every forward
 
 
-def test_reorder_copies_branch_rows_only_and_keeps_logits_exact():
-    """Beam-style reordering (branches dropped, duplicated, permuted) leaves the prompt's KV tensors untouched
-    and every later step's logits equal a full forward of the reordered histories."""
+@pytest.mark.parametrize("static", [False, True])
+def test_reorder_copies_branch_rows_only_and_keeps_logits_exact(static):
+    """Beam-style reordering (branches duplicated and permuted, then dropped and added) leaves the prompt's
+    KV tensors untouched and every later step's logits equal a full forward of the reordered histories; the
+    fixed-buffer step reorders in place while the number of branches stays, then leaves that mode."""
     model = tiny_model("llama")
     gen = torch.Generator().manual_seed(11)
     prompt = torch.randint(3, VOCAB, (9,), generator=gen).tolist()
-    kv = SharedKV(model)
+    kv = SharedKV(model, capacity=8, cuda_graph=static)
     histories = [[] for _ in range(4)]
     with torch.inference_mode():
         kv.prefill(prompt)
         kv.fork(4)
         prefix_ptrs = [k.data_ptr() for k in kv.cache.segments[0].keys]
         for step, parents in enumerate([None, [0, 0, 2, 3], [3, 1, 1, 0], [2, 2], [1, 0, 1]]):
+            assert kv.cache.static == (static and step < 3)
             if parents is not None:
                 kv.reorder(torch.tensor(parents))
                 histories = [list(histories[p]) for p in parents]
