@@ -56,25 +56,27 @@ class Branch(Generation):
 class BestOfN:
     """All N branches (in branch order), the `best` by score (ties: lowest index), and how the run went:
     `shared` (the shared-prefix cache ran, else the per-branch copy), `reused_prompt_tokens` (served by the
-    prefix store), and the KV `memory` at the end."""
+    prefix store), the KV `memory` at the end, and `graph_steps` (decode steps replayed from a CUDA graph)."""
 
     branches: list[Branch]
     best: Branch
     shared: bool
     reused_prompt_tokens: int
     memory: KVMemory
+    graph_steps: int = 0
 
 
 @dataclass
 class BeamSearchResult:
     """The returned beams, best first; `dropped`: beams a constraint ended (`no_allowed_token`), best first;
-    `shared`, `reused_prompt_tokens` and `memory` as for `BestOfN`."""
+    `shared`, `reused_prompt_tokens`, `memory` and `graph_steps` as for `BestOfN`."""
 
     beams: list[Branch]
     dropped: list[Branch]
     shared: bool
     reused_prompt_tokens: int
     memory: KVMemory
+    graph_steps: int = 0
 
 
 # -- shared set-up -------------------------------------------------------------------------------------------
@@ -186,6 +188,7 @@ def generate_n(
     stop_at_eos: bool = True,
     share_prefix: bool | None = None,
     reuse_prefix: bool | PrefixStore | None = True,
+    cuda_graph: bool = False,
 ) -> BestOfN:
     """Sample `n` continuations of one prompt (best-of-N / parallel sampling), the prompt prefilled once.
 
@@ -202,6 +205,8 @@ def generate_n(
             `SharedPrefixFallbackWarning`; True = required (raises if unsupported); False = copy.
         reuse_prefix: True = the model's default `PrefixStore` (a prompt prefix seen before is not prefilled
             again), a `PrefixStore`, or False/None = none.
+        cuda_graph: replay decode steps from a CUDA graph while no branch has ended (see
+            `constrain.kvcache.SharedKV`); on the CPU the same fixed-buffer step runs eagerly.
 
     Returns a `BestOfN`: every branch with its tokens, text, per-token logprobs, score (sum of logprobs) and
     finish reason ("eos", "length", "constraint_complete", or "no_allowed_token" when its constraint left it
@@ -218,7 +223,11 @@ def generate_n(
         raise ConstraintError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
     vocab, ids, matchers = _setup(model, tokenizer, prompt, constraint, n, max_new_tokens, vocab, chat)
     kv = open_branches(
-        model, share_prefix=share_prefix, store=_store(reuse_prefix, model), capacity=max_new_tokens
+        model,
+        share_prefix=share_prefix,
+        store=_store(reuse_prefix, model),
+        capacity=max_new_tokens,
+        cuda_graph=cuda_graph,
     )
     device = kv.forward.device
     generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
@@ -309,7 +318,7 @@ def generate_n(
         for b in range(n)
     ]
     best = max(branches, key=lambda br: (br.score, -br.index))
-    return BestOfN(branches, best, kv.shared, kv.reused_tokens, kv.memory())
+    return BestOfN(branches, best, kv.shared, kv.reused_tokens, kv.memory(), getattr(kv, "graph_steps", 0))
 
 
 # -- beam search ---------------------------------------------------------------------------------------------
@@ -337,6 +346,7 @@ def beam_search(
     share_prefix: bool | None = None,
     reuse_prefix: bool | PrefixStore | None = True,
     share_common_after: int | None = 32,
+    cuda_graph: bool = False,
 ) -> BeamSearchResult:
     """Beam search with `num_beams` beams on the shared-prefix cache (transformers' algorithm, step for step).
 
@@ -348,7 +358,8 @@ def beam_search(
         eos_token_id: the ids that end a beam (default: the vocabulary's EOS ids); pass transformers the same.
         share_common_after: once every beam has agreed on this many more generated tokens, move them into a
             shared level (the beams' tree then shares them as it shares the prompt); None = never.
-        max_new_tokens, chat, vocab, share_prefix, reuse_prefix: as `generate_n`.
+        max_new_tokens, chat, vocab, share_prefix, reuse_prefix, cuda_graph: as `generate_n` (a promotion
+            ends the CUDA-graph replay).
 
     Returns a `BeamSearchResult`: finished beams best first, each with tokens, text, score
     (`sum logprobs / len ** length_penalty`), finish reason ("eos" or "length"); beams a constraint left with
@@ -372,7 +383,11 @@ def beam_search(
     else:
         eos = [int(eos_token_id)] if isinstance(eos_token_id, int) else [int(t) for t in eos_token_id]
     kv = open_branches(
-        model, share_prefix=share_prefix, store=_store(reuse_prefix, model), capacity=max_new_tokens
+        model,
+        share_prefix=share_prefix,
+        store=_store(reuse_prefix, model),
+        capacity=max_new_tokens,
+        cuda_graph=cuda_graph,
     )
     device = kv.forward.device
     root = root_matchers[0]
@@ -487,7 +502,8 @@ def beam_search(
             beams.append(_branch(vocab, tokens, logprobs, float(fin_scores[i]), reason, prompt_len, i))
     dropped.sort(key=lambda br: -br.score)
     beams = (beams + dropped)[:returned]
-    return BeamSearchResult(beams, dropped, kv.shared, kv.reused_tokens, kv.memory())
+    graph_steps = getattr(kv, "graph_steps", 0)
+    return BeamSearchResult(beams, dropped, kv.shared, kv.reused_tokens, kv.memory(), graph_steps)
 
 
 def _extend(

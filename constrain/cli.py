@@ -47,6 +47,18 @@ def _load_model(name: str, device: str) -> tuple[Any, Any]:
     return model, tokenizer
 
 
+def _set_threads(threads: int | None) -> None:
+    """Set torch's intra-op CPU threads. On a machine whose cores are busy with other work, fewer threads
+    can be much faster (spinning OpenMP workers wait for cores they do not get)."""
+    if threads is None:
+        return
+    if threads < 1:
+        raise ConstraintError(f"--threads must be >= 1, got {threads}")
+    import torch
+
+    torch.set_num_threads(threads)
+
+
 def _constraint(args: argparse.Namespace) -> Any:
     if args.regex is not None and args.choice:
         raise ConstraintError("give either --regex or --choice, not both")
@@ -63,11 +75,12 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     if not args.prompts:
         raise ConstraintError(
-            "no prompt given: put it before --choice (constrain generate \"PROMPT\" --choice A B) "
-            "or after `--` (constrain generate --choice A B -- \"PROMPT\")"
+            'no prompt given: put it before --choice (constrain generate "PROMPT" --choice A B) '
+            'or after `--` (constrain generate --choice A B -- "PROMPT")'
         )
     if args.stream and len(args.prompts) > 1:
         raise ConstraintError("--stream takes a single prompt")
+    _set_threads(args.threads)
     constraint = _constraint(args)  # before loading the model: a bad regex fails fast
     model, tokenizer = _load_model(args.model, args.device)
     vocab = model_vocabulary(model, tokenizer)
@@ -127,7 +140,12 @@ def cmd_vocab(args: argparse.Namespace) -> int:
         ("logits width", f"{vocab.vocab_size:,}"),
         ("ordinary tokens", f"{len(vocab.ordinary_ids):,}"),
         ("special tokens", f"{len(vocab.special_ids):,}"),
-        ("EOS", ", ".join(f"{i} {vocab.token_bytes[i].decode(errors='replace')!r}" for i in sorted(vocab.eos_ids))),
+        (
+            "EOS",
+            ", ".join(
+                f"{i} {vocab.token_bytes[i].decode(errors='replace')!r}" for i in sorted(vocab.eos_ids)
+            ),
+        ),
         ("longest token", f"{max(lengths)} bytes"),
         ("mean token", f"{sum(lengths) / len(lengths):.2f} bytes"),
         ("single-byte tokens", f"{len(single)} of 256"),
@@ -149,6 +167,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     """`constrain demo`: the demo of constrained vs unconstrained generation."""
     from .demo import main as demo_main
 
+    _set_threads(args.threads)
     return demo_main(max_new_tokens=args.max_new_tokens)
 
 
@@ -164,24 +183,29 @@ def build_parser() -> argparse.ArgumentParser:
     gen = sub.add_parser(
         "generate",
         help="generate text under a regex or a choice of strings",
-        description="Generate with a model (default: the shipped SmolLM2-135M-Instruct, offline), constrained "
-        "by --regex or --choice; prints one output per prompt.",
+        description="Generate with a model (default: the shipped SmolLM2-135M-Instruct, offline), "
+        "constrained by --regex or --choice; prints one output per prompt.",
         epilog="With --choice, give the prompt first or after --: "
         'constrain generate "Sentiment of: I love it" --choice positive negative',
     )
     gen.add_argument("prompts", nargs="*", metavar="PROMPT", help="prompt text (several make a batch)")
     gen.add_argument("--model", default="smollm2", help="'smollm2' (default) or a local transformers folder")
     gen.add_argument("--regex", metavar="PATTERN", help="the output must fullmatch this Python regex")
-    gen.add_argument("--choice", nargs="+", action="extend", metavar="OPTION", help="the output is one of these")
+    gen.add_argument(
+        "--choice", nargs="+", action="extend", metavar="OPTION", help="the output is one of these"
+    )
     gen.add_argument("--max-new-tokens", type=int, default=64, help="the most tokens generated (default 64)")
     gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     gen.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (0 = off)")
     gen.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1.0 = off)")
-    gen.add_argument("--min-p", type=float, default=0.0, help="drop tokens below min_p x the top one (0 = off)")
+    gen.add_argument(
+        "--min-p", type=float, default=0.0, help="drop tokens below min_p x the top one (0 = off)"
+    )
     gen.add_argument("--seed", type=int, default=None, help="random seed for sampling")
     gen.add_argument("--no-chat", action="store_true", help="do not apply the chat template")
     gen.add_argument("--stream", action="store_true", help="print the text as it is generated")
     gen.add_argument("--device", default="cpu", help="torch device for the model (default cpu)")
+    gen.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     gen.add_argument("-v", "--verbose", action="store_true", help="print finish reasons and timing on stderr")
     gen.set_defaults(func=cmd_generate)
 
@@ -201,6 +225,12 @@ def build_parser() -> argparse.ArgumentParser:
         "which outputs match their regex.",
     )
     demo.add_argument("--max-new-tokens", type=int, default=32, help="per output (default 32)")
+    demo.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch CPU threads (default 1: where the cores are shared, more threads can be much slower)",
+    )
     demo.set_defaults(func=cmd_demo)
 
     for name in PLUGIN_MODULES:

@@ -1,4 +1,4 @@
-"""`constrain demo` / `make demo`: the shipped SmolLM2-135M-Instruct with and without constraints, side by side.
+"""`constrain demo` / `make demo`: the shipped SmolLM2-135M-Instruct with and without constraints.
 
 Each example runs the same prompt twice in one batch, once under its constraint and once unconstrained, and
 prints both with whether they fullmatch the example's regex (`re.fullmatch`, Python's own engine: an oracle
@@ -94,7 +94,11 @@ def main(max_new_tokens: int = 32, out=None) -> int:
     start = time.perf_counter()
     # One batch: the constrained rows first, then the same prompts unconstrained.
     generations = generate(
-        model, tokenizer, prompts + prompts, constraints + [None] * len(prompts), max_new_tokens=max_new_tokens
+        model,
+        tokenizer,
+        prompts + prompts,
+        constraints + [None] * len(prompts),
+        max_new_tokens=max_new_tokens,
     )
     elapsed = time.perf_counter() - start
     n = len(EXAMPLES)

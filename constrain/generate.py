@@ -41,9 +41,10 @@ class Generation:
     """One row's result.
 
     `token_ids` are the generated ids (an EOS that ended the row included); `text` is the UTF-8 text of the
-    non-special ones (invalid or incomplete byte sequences become U+FFFD); `logprobs[i]` is the log-probability
-    of `token_ids[i]` as `masked_sample` reports it (natural log); `prompt_tokens` counts the prompt's tokens
-    (chat template included, padding excluded).
+    non-special ones (invalid or incomplete byte sequences become U+FFFD); `logprobs[i]` is the natural-log
+    probability of `token_ids[i]` under the masked distribution at temperature 1 before top-k/top-p/min-p
+    (what `masked_sample` reports); `prompt_tokens` counts the prompt's tokens (chat template included,
+    padding excluded).
     """
 
     text: str
@@ -124,9 +125,13 @@ def _as_prompt_list(prompts: Any) -> list[str | list[int]]:
     if isinstance(prompts, str):
         return [prompts]
     if isinstance(prompts, Sequence) and prompts and all(isinstance(t, int) for t in prompts):
-        raise ConstraintError("prompts: got a flat list of ints; pass token ids as a list of lists ([[1, 2, 3]])")
+        raise ConstraintError(
+            "prompts: got a flat list of ints; pass token ids as a list of lists ([[1, 2, 3]])"
+        )
     if not isinstance(prompts, Sequence):
-        raise ConstraintError(f"prompts must be a string or a list of strings/token-id lists, got {type(prompts)}")
+        raise ConstraintError(
+            f"prompts must be a string or a list of strings/token-id lists, got {type(prompts)}"
+        )
     return list(prompts)
 
 
@@ -157,7 +162,9 @@ def encode_prompts(
         elif isinstance(prompt, Sequence) and all(isinstance(t, int | np.integer) for t in prompt):
             ids = [vocab.check_token(t) for t in prompt]
         else:
-            raise ConstraintError(f"prompt {i}: expected a string or a list of token ids, got {type(prompt).__name__}")
+            raise ConstraintError(
+                f"prompt {i}: expected a string or a list of token ids, got {type(prompt).__name__}"
+            )
         if not ids:
             raise ConstraintError(f"prompt {i} is empty after tokenization (give it some text or token ids)")
         encoded.append([int(t) for t in ids])
@@ -199,7 +206,9 @@ def make_matchers(constraints: Any, batch: int, vocab: Vocabulary) -> list[Match
             matcher = item.fork() if id(item) in used else item
             used.add(id(item))
         else:
-            raise ConstraintError(f"constraints[{row}]: expected a Constraint, Matcher or None, got {type(item).__name__}")
+            raise ConstraintError(
+                f"constraints[{row}]: expected a Constraint, Matcher or None, got {type(item).__name__}"
+            )
         matchers.append(matcher)
     return matchers
 
@@ -463,8 +472,8 @@ def generate_stream(
                 matcher = matchers[i]
                 if matcher is not None and not matcher.accept(token):
                     raise ConstraintError(
-                        f"row {i}, step {step}: the sampler chose token {token}, which the matcher's own mask "
-                        "allowed but accept() rejected (a matcher bug)"
+                        f"row {i}, step {step}: the sampler chose token {token}, which the matcher's own "
+                        "mask allowed but accept() rejected (a matcher bug)"
                     )
                 data = token_bytes[token] if token < n_tokens and token not in special else b""
                 text = rows[i].add(token, logprobs_list[j], data)

@@ -69,7 +69,9 @@ class ConstrainedLogitsProcessor(LogitsProcessor):
 
     def __init__(self, constraints: Any, vocab: Vocabulary):
         if not isinstance(vocab, Vocabulary):
-            raise ConstraintError(f"ConstrainedLogitsProcessor needs a Vocabulary, got {type(vocab).__name__}")
+            raise ConstraintError(
+                f"ConstrainedLogitsProcessor needs a Vocabulary, got {type(vocab).__name__}"
+            )
         self.vocab = vocab
         if constraints is None or isinstance(constraints, Constraint | CompiledConstraint | Matcher):
             specs = [constraints]
@@ -79,8 +81,8 @@ class ConstrainedLogitsProcessor(LogitsProcessor):
             self._broadcast = False
         else:
             raise ConstraintError(
-                f"constraints: expected a Constraint, compiled constraint, Matcher, None or a non-empty list of "
-                f"them, got {constraints!r:.80}"
+                "constraints: expected a Constraint, compiled constraint, Matcher, None or a non-empty list "
+                f"of them, got {constraints!r:.80}"
             )
         self._templates = [self._template(i, spec) for i, spec in enumerate(specs)]
         self.reset()
@@ -96,7 +98,9 @@ class ConstrainedLogitsProcessor(LogitsProcessor):
         if isinstance(spec, Matcher):
             self._check_vocab(spec.vocab, i)
             return spec.fork()
-        raise ConstraintError(f"constraints[{i}]: expected a Constraint, Matcher or None, got {type(spec).__name__}")
+        raise ConstraintError(
+            f"constraints[{i}]: expected a Constraint, Matcher or None, got {type(spec).__name__}"
+        )
 
     def _check_vocab(self, theirs: Vocabulary, i: int) -> None:
         if theirs is not self.vocab and theirs != self.vocab:

@@ -65,10 +65,10 @@ class CompiledGrammar:
         self._views: dict[frozenset[int], LexerView] = {}
         self._lock = threading.Lock()
 
-    def view(self, state: EarleyState) -> LexerView:
-        """The lexer for the terminals `state` allows (plus the ignored ones)."""
+    def view(self, state: EarleyState, exclude: frozenset[int] = frozenset()) -> LexerView:
+        """The lexer for the terminals `state` allows (plus the ignored ones), less `exclude`."""
         g = self.grammar
-        allowed = state.expected | g.ignore
+        allowed = (state.expected | g.ignore) - exclude
         hit = self._views.get(allowed)
         if hit is not None:
             return hit
@@ -137,9 +137,13 @@ def fill_words(cg: CompiledGrammar, vocab: Vocabulary, threads: tuple[Thread, ..
             raise CompileLimitError(f"a mask needed more than {MAX_FILL_STEPS} parser/trie steps")
         result = frontier.walk(view.lexer, 0 if pos == FRESH else pos, vocab)
         result.apply(out)
+        closed = cg.grammar.closed_ignore
         for local, child in result.groups:
-            for after in state.after(view.grammar_terms(local)):
-                stack.append((after, cg.view(after), FRESH, child))
+            terms = view.grammar_terms(local)
+            for after in state.after(terms):
+                # After an ignored lexeme closed under concatenation, another one of it adds nothing new.
+                skip = terms & closed if after is state else frozenset()
+                stack.append((after, cg.view(after, skip), FRESH, child))
 
 
 class GrammarConstraint(Constraint):

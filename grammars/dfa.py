@@ -97,6 +97,10 @@ def _utf8_template(ranges: tuple[tuple[int, int], ...]) -> tuple[int, tuple[tupl
     sequences = utf8_sequences(ranges)
     if not sequences:
         return 0, ()
+    if len(sequences) == 1:  # one chain of byte ranges: already minimal
+        (seq,) = sequences
+        names = [_SRC, *range(len(seq) - 1), _DST]
+        return len(seq) - 1, tuple((names[i], lo, hi, names[i + 1]) for i, (lo, hi) in enumerate(seq))
     # The byte sequences as a trie-shaped NFA (continuation states shared by suffix), made minimal.
     nfa = NFA()
     src, dst = nfa.add_state(), nfa.add_state()

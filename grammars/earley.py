@@ -16,6 +16,8 @@ import threading
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+import numpy as np
+
 from constrain.errors import CompileLimitError, SpecError
 
 from .dfa import ByteDFA
@@ -127,11 +129,33 @@ class Grammar:
                     changed = True
         self.nullable = nullable
         self.ignore = frozenset(term_id[n] for n in ir.ignore)
+        # Ignored terminals whose language is closed under concatenation (e.g. WS = /\s+/): a second such
+        # lexeme right after one adds no string, so walks need not start one there (see cfg.fill_words).
+        self.closed_ignore = frozenset(t for t in self.ignore if concat_closed(self.dfas[t]))
         self._lock = threading.Lock()
         self.root = EarleyState.initial(self)
 
     def __repr__(self) -> str:
         return f"Grammar({self.n_terminals} terminals, {len(self.lhs)} rules, start {self.ir.start!r})"
+
+
+def concat_closed(dfa: ByteDFA) -> bool:
+    """True if L·L ⊆ L for the DFA's language L: from every accepting state, L itself is accepted."""
+    rows = dfa.transitions
+    for f in np.flatnonzero(dfa.accepting).tolist():
+        seen = {(dfa.start, f)}
+        todo = [(dfa.start, f)]
+        while todo:
+            p, q = todo.pop()
+            if dfa.accepting[p] and (q < 0 or not dfa.accepting[q]):
+                return False
+            for p2, q2 in set(zip(rows[p].tolist(), (rows[q] if q >= 0 else np.full(256, -1)).tolist())):
+                if p2 >= 0 and (p2, q2) not in seen:
+                    if q2 < 0:
+                        return False  # p2 is live (every ByteDFA state is), q2 accepts nothing
+                    seen.add((p2, q2))
+                    todo.append((p2, q2))
+    return True
 
 
 class EarleyState:

@@ -54,7 +54,8 @@ class Lexer:
         i = 0
         while i < len(tuples):
             tup = tuples[i]
-            m = np.stack([d.transitions[s] if s >= 0 else dead for d, s in zip(dfas, tup, strict=True)], axis=1)
+            cols = [d.transitions[s] if s >= 0 else dead for d, s in zip(dfas, tup, strict=True)]
+            m = np.stack(cols, axis=1) if cols else np.full((256, 1), -1, dtype=np.int32)
             uniq, inverse = np.unique(m, axis=0, return_inverse=True)
             targets = np.empty(len(uniq), dtype=np.int32)
             for u, col in enumerate(uniq.tolist()):

@@ -6,10 +6,10 @@
 
 Semantics: the text generated so far, decoded as UTF-8, must be extendable to a string `s` with
 `re.fullmatch(pattern, s, flags)`, and EOS is allowed exactly when it already matches. The pattern is parsed
-by Python's own parser (`re._parser`), and every character class (`\\d`, `\\w`, `\\s`, `.`, negated sets,
-IGNORECASE folding, the ASCII flag) is read off Python's `re` itself by running the compiled class over every
-code point once, so the classes are exactly Python's. Surrogates are not text (no UTF-8 encoding) and never
-match.
+by Python's own parser (`re._parser`), and every character class that involves categories, `.` or IGNORECASE
+(`\\d`, `\\w`, `\\s`, negated sets, case folding, the ASCII flag) is read off Python's `re` itself by running
+the compiled class over every code point once, so the classes are exactly Python's (plain sets of literals
+and ranges are the code points they list). Surrogates are not text (no UTF-8 encoding) and never match.
 
 Refused (`UnsupportedError`, with the construct and its position): backreferences, lookaround, conditional
 groups, `\\b` / `\\B`, atomic groups and possessive quantifiers, and anchors (`^ $ \\A \\Z`) anywhere but the
@@ -91,9 +91,41 @@ def _codepoints(op: Any, key: Any, flags: int) -> tuple[tuple[int, int], ...]:
     return tuple(ranges)
 
 
+def _explicit_set(op: Any, av: Any) -> tuple[tuple[int, int], ...] | None:
+    """Without IGNORECASE, a literal, a negated literal or a set of only literals and ranges (perhaps negated)
+    matches exactly the code points it lists (no flag changes that); None for anything else."""
+    if op == _sre.LITERAL:
+        return ((av, av),)
+    items = (
+        [(_sre.LITERAL, av), (_sre.NEGATE, None)] if op == _sre.NOT_LITERAL else av if op == _sre.IN else []
+    )
+    if not items or any(kind not in (_sre.LITERAL, _sre.RANGE, _sre.NEGATE) for kind, _ in items):
+        return None
+    spans = sorted((v, v) if kind == _sre.LITERAL else tuple(v) for kind, v in items if kind != _sre.NEGATE)
+    merged: list[tuple[int, int]] = []
+    for lo, hi in spans:
+        if merged and lo <= merged[-1][1] + 1:
+            merged[-1] = (merged[-1][0], max(merged[-1][1], hi))
+        else:
+            merged.append((lo, hi))
+    if not any(kind == _sre.NEGATE for kind, _ in items):
+        return tuple(merged)
+    gaps, nxt = [], 0
+    for lo, hi in merged:
+        if lo > nxt:
+            gaps.append((nxt, lo - 1))
+        nxt = hi + 1
+    if nxt <= 0x10FFFF:
+        gaps.append((nxt, 0x10FFFF))
+    return tuple(gaps)
+
+
 def _charset(op: Any, av: Any, flags: int) -> tuple[tuple[int, int], ...]:
-    if op == _sre.LITERAL and not flags & re.IGNORECASE:
-        return ((av, av),)  # plain literal: itself (a surrogate is dropped by the UTF-8 lowering)
+    """The code-point ranges of a single-character node: listed code points directly, the rest from `re`."""
+    if not flags & re.IGNORECASE:
+        explicit = _explicit_set(op, av)
+        if explicit is not None:
+            return explicit  # (surrogates in it are dropped by the UTF-8 lowering)
     relevant = flags & _CHARSET_FLAGS
     if op == _sre.ANY:
         relevant |= flags & re.DOTALL
@@ -246,8 +278,11 @@ def _items(sub: Any) -> list:
 
 
 class _Thompson:
-    """Builds a byte NFA from `re._parser`'s tree. Every node returns a fresh exit state (or its entry, for an
-    empty sequence), so loops never close over a state that other constructs also leave from."""
+    """Builds a byte NFA from `re._parser`'s tree, from a source state to the exit state each node returns.
+
+    Every node's exit is a state it created (or its entry, for an empty sequence), and a loop only closes over
+    a state its own repeat created, so adding edges after a node never changes what came before it.
+    """
 
     def __init__(self, nfa: NFA, pattern: str, verbose: bool):
         self.nfa = nfa

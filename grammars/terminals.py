@@ -37,6 +37,11 @@ _KNOWN_REWRITES = {
 }
 
 
+def effective_pattern(pattern: str) -> str:
+    """The pattern actually compiled for `pattern` (known lookaround patterns replaced by regular ones)."""
+    return _KNOWN_REWRITES.get(pattern, pattern)
+
+
 @lru_cache(maxsize=None)
 def _category_ranges(category: str) -> tuple[tuple[int, int], ...]:
     """The code-point ranges that Python's `re` matches with a category escape (e.g. `\\d`, `\\w`, `\\s`)."""

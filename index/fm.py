@@ -8,12 +8,12 @@
 
 A matcher keeps the range of the span's occurrences (FM-index rows, or entries of the sentence suffix array)
 for each accepted token, so `accept` is one incremental search step, `rollback` pops ranges and `fork` copies
-them. The allowed tokens are the distinct symbols in the BWT range (a wavelet-matrix walk, O(k log sigma) for k
-tokens); the empty span's mask is precomputed at compile time.
+them. The allowed tokens are the distinct symbols in the BWT range (a wavelet-matrix walk, O(k log sigma)
+for k tokens); the empty span's mask is precomputed at compile time.
 
-Which tokens a span may contain: the vocabulary's ordinary tokens (not special, not EOS, not padding); a corpus
-token that is not one acts like a document boundary. EOS is allowed once the span has `min_tokens` tokens.
-With `min_tokens > 1` a token is allowed only if some occurrence of the extended span leaves room for
+Which tokens a span may contain: the vocabulary's ordinary tokens (not special, not EOS, not padding); a
+corpus token that is not one acts like a document boundary. EOS is allowed once the span has `min_tokens`
+tokens. With `min_tokens > 1` a token is allowed only if some occurrence of the extended span leaves room for
 `min_tokens` tokens in its document, so the mask never leads into a dead end.
 """
 
@@ -53,8 +53,14 @@ class FMConstraint(Constraint):
             raise ConstraintError(f"fm_constraint: start must be one of {START_MODES}, got {start!r}")
         if start == "sentence" and not index.has_sentences:
             raise ConstraintError('fm_constraint: start="sentence" needs an index built with sentence_starts')
-        if isinstance(min_tokens, bool) or not isinstance(min_tokens, int) or not 1 <= min_tokens <= MAX_MIN_TOKENS:
-            raise ConstraintError(f"fm_constraint: min_tokens must be an int in [1, {MAX_MIN_TOKENS}], got {min_tokens!r}")
+        if (
+            isinstance(min_tokens, bool)
+            or not isinstance(min_tokens, int)
+            or not 1 <= min_tokens <= MAX_MIN_TOKENS
+        ):
+            raise ConstraintError(
+                f"fm_constraint: min_tokens must be an int in [1, {MAX_MIN_TOKENS}], got {min_tokens!r}"
+            )
         self.index = index
         self.start = start
         self.min_tokens = min_tokens
@@ -81,12 +87,13 @@ def fm_constraint(index: FMIndex, *, start: StartMode = "any", min_tokens: int =
 
 
 class CompiledFM(CompiledConstraint):
-    """An FM-index constraint compiled for one vocabulary: masks of allowed ids, room tables, the start mask."""
+    """An FM-index constraint compiled for one vocabulary: allowed-id mask, room tables, the start mask."""
 
     def __init__(self, index: FMIndex, vocab: Vocabulary, *, start: StartMode, min_tokens: int):
         if index.vocab_size > vocab.vocab_size:
             raise ConstraintError(
-                f"FM-index built for vocab_size {index.vocab_size} cannot constrain {vocab.name or 'a vocabulary'}"
+                f"FM-index built for vocab_size {index.vocab_size} cannot constrain "
+                f"{vocab.name or 'a vocabulary'}"
                 f" of logits width {vocab.vocab_size}"
             )
         self.index = index
@@ -100,7 +107,9 @@ class CompiledFM(CompiledConstraint):
         np.bitwise_or.at(self.allowed, ids >> 5, (np.uint32(1) << (ids & 31).astype(np.uint32)))
         tokens = np.asarray(index.tokens, dtype=np.int64)
         self.symbol_ok = np.zeros(tokens.shape[0] + FIRST_TOKEN_SYMBOL, dtype=np.bool_)
-        self.symbol_ok[FIRST_TOKEN_SYMBOL:] = (self.allowed[tokens >> 5] >> (tokens & 31).astype(np.uint32)) & 1
+        self.symbol_ok[FIRST_TOKEN_SYMBOL:] = (
+            self.allowed[tokens >> 5] >> (tokens & 31).astype(np.uint32)
+        ) & 1
         self.eos_bits = [(int(e) >> 5, np.uint32(1) << np.uint32(int(e) & 31)) for e in vocab.eos_array]
         self._room, self._block_max, self._super_max = self._room_tables()
         self.start_range = index.start_range(start)

@@ -60,10 +60,13 @@ class FMIndex:
 
     Attributes: `vocab_size` (ids are in `[0, vocab_size)`), `n_documents`, `n_tokens` (corpus tokens),
     `sample_rate` (one suffix-array sample per this many text positions), `has_sentences`, `fingerprint`
-    (a content hash), `nbytes` (bytes of all arrays).
+    (a content hash), `nbytes` (bytes of all arrays), `memory_mapped` (loaded with `load`).
     """
 
     def __init__(self, arrays: dict[str, np.ndarray], *, vocab_size: int, sample_rate: int, fingerprint: str):
+        self.memory_mapped = any(isinstance(a, np.memmap) for a in arrays.values())
+        # Plain ndarray views of the same memory: numba unboxes np.memmap arguments ~10x slower.
+        arrays = {name: np.asarray(a) for name, a in arrays.items()}
         self._arrays = arrays
         self.vocab_size = int(vocab_size)
         self.sample_rate = int(sample_rate)
@@ -154,10 +157,13 @@ class FMIndex:
             forward_sa = suffix_array(text)
             is_start = np.zeros(text.shape[0], dtype=bool)
             is_start[positions] = True
-            arrays["text"] = text.astype(np.int32)
+            # Symbols are < sigma, so most corpora fit the forward text in 2 bytes per token.
+            arrays["text"] = text.astype(np.uint16 if sigma <= 1 << 16 else np.int32)
             arrays["sentence_suffixes"] = forward_sa[is_start[forward_sa]].astype(np.int32)
             digest.update(b"sentences|" + positions.astype("<i8").tobytes())
-        return cls(arrays, vocab_size=vocab_size, sample_rate=sample_rate, fingerprint=digest.hexdigest()[:32])
+        return cls(
+            arrays, vocab_size=vocab_size, sample_rate=sample_rate, fingerprint=digest.hexdigest()[:32]
+        )
 
     # -- queries -----------------------------------------------------------------------------------------
     @property
@@ -177,7 +183,9 @@ class FMIndex:
         """
         token = int(token)
         if not 0 <= token < self.vocab_size:
-            raise TokenOutOfRangeError(f"token id {token} out of range [0, {self.vocab_size}) for the FM-index")
+            raise TokenOutOfRangeError(
+                f"token id {token} out of range [0, {self.vocab_size}) for the FM-index"
+            )
         return self._symbol_of.get(token, -1)
 
     def start_range(self, start: StartMode = "any") -> tuple[int, int]:
@@ -192,7 +200,9 @@ class FMIndex:
             raise ConstraintError('start="sentence" needs an index built with sentence_starts')
         return 0, int(self.sentence_suffixes.shape[0])
 
-    def extend(self, span_range: tuple[int, int], depth: int, symbol: int, start: StartMode) -> tuple[int, int]:
+    def extend(
+        self, span_range: tuple[int, int], depth: int, symbol: int, start: StartMode
+    ) -> tuple[int, int]:
         """The range of the span extended by `symbol` (a symbol from `symbol()`); empty if it never occurs.
 
         `depth` is the span's length so far (used by the sentence suffix array).
@@ -201,7 +211,9 @@ class FMIndex:
         if start == "sentence":
             a, b = sparse_step(self.text, self.sentence_suffixes, lo, hi, depth, symbol)
         else:
-            a, b = backward_step(self.wm_words, self.wm_block_rank, self.wm_zeros, self.lf_offset, lo, hi, symbol)
+            a, b = backward_step(
+                self.wm_words, self.wm_block_rank, self.wm_zeros, self.lf_offset, lo, hi, symbol
+            )
         return int(a), int(b)
 
     def search(self, pattern: Sequence[int], start: StartMode = "any") -> tuple[int, int]:
@@ -312,7 +324,9 @@ class FMIndex:
         try:
             header = json.loads(header_path.read_text())
         except FileNotFoundError:
-            raise IndexFormatError(f"{header_path}: missing (not an FM-index folder, or an unfinished save)") from None
+            raise IndexFormatError(
+                f"{header_path}: missing (not an FM-index folder, or an unfinished save)"
+            ) from None
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise IndexFormatError(f"{header_path}: unreadable header ({exc})") from None
         if not isinstance(header, dict) or header.get("format") != FORMAT_NAME:
@@ -338,7 +352,8 @@ class FMIndex:
 
     def __repr__(self) -> str:
         return (
-            f"FMIndex({self.n_documents} documents, {self.n_tokens} tokens, {self.tokens.shape[0]} distinct ids, "
+            f"FMIndex({self.n_documents} documents, {self.n_tokens} tokens, "
+            f"{self.tokens.shape[0]} distinct ids, "
             f"vocab_size {self.vocab_size}, {self.nbytes / max(1, self.n_tokens):.2f} bytes/token"
             f"{', sentences' if self.has_sentences else ''})"
         )
@@ -372,7 +387,9 @@ def _document_array(doc: Sequence[int], d: int, vocab_size: int) -> np.ndarray:
     if array.size == 0:
         return np.zeros(0, dtype=np.int64)
     if array.ndim != 1 or not np.issubdtype(array.dtype, np.integer):
-        raise ConstraintError(f"document {d}: expected a 1-D sequence of int token ids, got {array.dtype} {array.shape}")
+        raise ConstraintError(
+            f"document {d}: expected a 1-D sequence of int token ids, got {array.dtype} {array.shape}"
+        )
     array = array.astype(np.int64)
     bad = np.flatnonzero((array < 0) | (array >= vocab_size))
     if bad.size:
@@ -436,7 +453,12 @@ def _check_structure(arrays: dict[str, np.ndarray], where: Path, vocab_size: int
     if vocab_size < 1 or sample_rate < 1:
         fail(f"vocab_size {vocab_size}, sample_rate {sample_rate}")
     doc_starts = arrays["doc_starts"]
-    if doc_starts.ndim != 1 or doc_starts.shape[0] < 2 or np.any(np.diff(doc_starts) < 1) or doc_starts[0] != 1:
+    if (
+        doc_starts.ndim != 1
+        or doc_starts.shape[0] < 2
+        or np.any(np.diff(doc_starts) < 1)
+        or doc_starts[0] != 1
+    ):
         fail("document starts are not increasing from 1")
     n_rows = int(doc_starts[-1]) + 1
     words, block_rank, zeros = arrays["wm_words"], arrays["wm_block_rank"], arrays["wm_zeros"]
@@ -457,5 +479,5 @@ def _check_structure(arrays: dict[str, np.ndarray], where: Path, vocab_size: int
         fail(f"{arrays['samples'].shape[0]} suffix-array samples for {n_rows} rows at rate {sample_rate}")
     if "text" in arrays:
         text, suffixes = arrays["text"], arrays["sentence_suffixes"]
-        if text.shape != (n_rows,) or suffixes.ndim != 1:
+        if text.shape != (n_rows,) or text.dtype not in (np.uint16, np.int32) or suffixes.ndim != 1:
             fail("forward text / sentence suffixes")

@@ -1,8 +1,11 @@
-"""numba inner loops of the FM-index constraint: backward steps, locate, mask filling, span room.
+"""numba inner loops of the FM-index: rank, wavelet-matrix walks, backward steps, locate, mask filling, room.
 
-Conventions (see `docs/fm_index.md`): the FM-index is built over the reversed corpus, so a row range `[sp, ep)`
-of its suffix array holds the occurrences of the current span, and the symbols of the BWT in that range are the
-tokens that follow them. Symbol 0 is the sentinel, 1 the document separator, `s >= 2` the token
+All kernels that call each other live in this one file on purpose: numba's on-disk cache (`cache=True`) only
+checks the file that defines a kernel, so a kernel inlined from another file could keep running stale code.
+
+Conventions (see `docs/fm_index.md`): the FM-index is built over the reversed corpus, so a row range
+`[sp, ep)` of its suffix array holds the occurrences of the current span, and the symbols of the BWT in that
+range are the tokens that follow them. Symbol 0 is the sentinel, 1 the document separator, `s >= 2` the token
 `tokens[s - 2]`; `lf_offset[s] = C[s] - bottom_start[s]` folds the FM `C` array into the wavelet matrix's
 bottom-level offsets, so a backward step is `wm_follow_pair(...) + lf_offset[s]`.
 
@@ -14,14 +17,140 @@ from __future__ import annotations
 
 import numba
 import numpy as np
-
-from .wavelet import get_bit, rank1, wm_access_follow, wm_distinct, wm_follow_pair
+from llvmlite import ir
+from numba import types
+from numba.extending import intrinsic
 
 _jit = numba.njit(cache=True, nogil=True)
 
 ROOM_CAP = 255  # room values are stored as uint8
 _BLOCK_SHIFT = 6  # room maxima per 64 entries ...
 _SUPER_SHIFT = 12  # ... and per 4096 entries
+
+
+@intrinsic
+def popcount64(typingctx, x):  # noqa: ARG001 - numba's intrinsic signature
+    """Number of set bits of a uint64 (LLVM's ctpop: one POPCNT instruction on x86-64)."""
+    sig = types.uint64(types.uint64)
+
+    def codegen(context, builder, signature, args):
+        fn = builder.module.declare_intrinsic("llvm.ctpop", [ir.IntType(64)])
+        return builder.call(fn, args)
+
+    return sig, codegen
+
+
+# -- bit vectors and the wavelet matrix (layouts in wavelet.py) -------------------------------------------
+@_jit
+def rank1(words, block_rank, i):
+    """Number of 1 bits in positions `[0, i)` of a 1-D packed bit vector."""
+    block = i >> 9
+    count = np.int64(block_rank[block])
+    word = i >> 6
+    for j in range(block << 3, word):
+        count += np.int64(popcount64(words[j]))
+    rest = i & 63
+    if rest:
+        mask = (np.uint64(1) << np.uint64(rest)) - np.uint64(1)
+        count += np.int64(popcount64(words[word] & mask))
+    return count
+
+
+@_jit
+def level_rank1(words, block_rank, level, i):
+    """`rank1` on one level of a wavelet matrix (2-D arrays, no slicing on the hot path)."""
+    block = i >> 9
+    count = np.int64(block_rank[level, block])
+    word = i >> 6
+    for j in range(block << 3, word):
+        count += np.int64(popcount64(words[level, j]))
+    rest = i & 63
+    if rest:
+        mask = (np.uint64(1) << np.uint64(rest)) - np.uint64(1)
+        count += np.int64(popcount64(words[level, word] & mask))
+    return count
+
+
+@_jit
+def get_bit(words, i):
+    """Bit `i` of a 1-D packed bit vector (0 or 1)."""
+    return np.int64((words[i >> 6] >> np.uint64(i & 63)) & np.uint64(1))
+
+
+@_jit
+def wm_follow_pair(words, block_rank, zeros, symbol, s, e):
+    """Positions of `s` and `e` after following `symbol`'s bits to the bottom level.
+
+    `rank_symbol(x) = result - bottom_start[symbol]`; both move together, so `e' - s'` is the number of
+    occurrences of `symbol` in `[s, e)`.
+    """
+    n_levels = words.shape[0]
+    for level in range(n_levels):
+        r1s = level_rank1(words, block_rank, level, s)
+        r1e = level_rank1(words, block_rank, level, e)
+        if (symbol >> (n_levels - 1 - level)) & 1:
+            s = zeros[level] + r1s
+            e = zeros[level] + r1e
+        else:
+            s = s - r1s
+            e = e - r1e
+    return s, e
+
+
+@_jit
+def wm_access_follow(words, block_rank, zeros, i):
+    """The symbol at position `i` and `i`'s position at the bottom level (so `rank_symbol(i)` follows)."""
+    n_levels = words.shape[0]
+    symbol = np.int64(0)
+    for level in range(n_levels):
+        word = words[level, i >> 6]
+        bit = np.int64((word >> np.uint64(i & 63)) & np.uint64(1))
+        r1 = level_rank1(words, block_rank, level, i)
+        symbol = (symbol << 1) | bit
+        if bit:
+            i = zeros[level] + r1
+        else:
+            i = i - r1
+    return symbol, i
+
+
+@_jit
+def wm_distinct(words, block_rank, zeros, s, e, out_symbol, out_start, out_end):
+    """The distinct symbols of positions `[s, e)`, ascending, with their bottom-level runs.
+
+    Writes `out_symbol[j]` and the run `[out_start[j], out_end[j])` (positions after following the symbol
+    down, as `wm_follow_pair` returns them) and returns how many. The outputs need room for
+    `min(e - s, sigma)` entries. Work: O(k * n_levels) ranks for k distinct symbols.
+    """
+    n_levels = words.shape[0]
+    stack_level = np.empty(n_levels + 2, dtype=np.int64)
+    stack_s = np.empty(n_levels + 2, dtype=np.int64)
+    stack_e = np.empty(n_levels + 2, dtype=np.int64)
+    stack_value = np.empty(n_levels + 2, dtype=np.int64)
+    count = 0
+    if e <= s:
+        return count
+    stack_level[0], stack_s[0], stack_e[0], stack_value[0] = 0, s, e, 0
+    top = 1
+    while top > 0:
+        top -= 1
+        level, lo, hi, value = stack_level[top], stack_s[top], stack_e[top], stack_value[top]
+        if level == n_levels:
+            out_symbol[count], out_start[count], out_end[count] = value, lo, hi
+            count += 1
+            continue
+        r1lo = level_rank1(words, block_rank, level, lo)
+        r1hi = level_rank1(words, block_rank, level, hi)
+        # Push the 1-child first so that the 0-child (smaller symbols) is visited first.
+        if r1hi > r1lo:
+            stack_level[top], stack_s[top], stack_e[top] = level + 1, zeros[level] + r1lo, zeros[level] + r1hi
+            stack_value[top] = (value << 1) | 1
+            top += 1
+        if (hi - r1hi) > (lo - r1lo):
+            stack_level[top], stack_s[top], stack_e[top] = level + 1, lo - r1lo, hi - r1hi
+            stack_value[top] = value << 1
+            top += 1
+    return count
 
 
 # -- FM-index: search and locate ----------------------------------------------------------------------------
@@ -113,7 +242,7 @@ def room_at_least(room, block_max, super_max, a, b, need):
             return True
         i += 1
     while i + 64 <= b and (i & 4095):
-        if block_max[(i >> _BLOCK_SHIFT) + 1] >= need:
+        if block_max[i >> _BLOCK_SHIFT] >= need:
             return True
         i += 64
     while i + 4096 <= b:
@@ -144,7 +273,9 @@ def _set_token(out, allowed, token):
 
 # -- mask filling -----------------------------------------------------------------------------------------
 @_jit
-def fill_fm(words, block_rank, zeros, lf_offset, tokens, sp, ep, allowed, need, room, block_max, super_max, out):
+def fill_fm(
+    words, block_rank, zeros, lf_offset, tokens, sp, ep, allowed, need, room, block_max, super_max, out
+):
     """OR into `out` the tokens that follow the span of rows `[sp, ep)` (the distinct BWT symbols there).
 
     With `need > 0`, a token counts only if some occurrence of the extended span is followed by at least

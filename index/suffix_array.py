@@ -1,11 +1,11 @@
 """Suffix arrays of integer texts by prefix doubling (numpy only, any alphabet size).
 
-`suffix_array(text)` sorts the suffixes of `text`, which must end with a unique smallest symbol (a sentinel),
-so no suffix is a prefix of another. Each round sorts the suffixes by their first `2k` symbols, using the ranks
-of the first `k` symbols twice (Manber & Myers); rounds stop once every rank is distinct, i.e. after
-`ceil(log2(longest repeat))` rounds. Each round is one stable argsort of `n` int64 keys, so building the
-suffix array of a 1M-token text takes on the order of a second, independent of the alphabet size (which rules
-out byte-oriented libraries for 128k-token vocabularies).
+`suffix_array(text)` sorts the suffixes of `text`, which must end with a unique smallest symbol (a
+sentinel), so no suffix is a prefix of another. Each round sorts the suffixes by their first `2k` symbols,
+using the ranks of the first `k` symbols twice (Manber & Myers); rounds stop once every rank is distinct,
+i.e. after `ceil(log2(longest repeat))` rounds. Each round is one stable argsort of `n` int64 keys, so
+building the suffix array of a 1M-token text takes seconds, independent of the alphabet size (which rules out
+byte-oriented libraries for 128k-token vocabularies).
 """
 
 from __future__ import annotations

@@ -114,7 +114,7 @@ def _fused_level_attention(
         return out, lse
     if q.dtype in (torch.float16, torch.bfloat16):
         result = torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, 0.0, causal, False, scale=scale)
-        return result[0], result[1]
+        return result[0], result[1][..., : q.shape[2]]
     result = torch.ops.aten._scaled_dot_product_efficient_attention(
         q, k, v, None, True, 0.0, causal, scale=scale
     )

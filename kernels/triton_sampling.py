@@ -1,25 +1,25 @@
 """Fused masked sampling on the GPU with Triton: logits + int32 bitmask -> one token per row (and its logprob).
 
-`masked_sample_triton` computes exactly what `torch_sampling.masked_sample_torch` defines (read its docstring
-for the semantics), token for token: the same float32 tempered logits `t_j = (x_j - max x) / T` (IEEE
-division), the same filters, and the same noise, `E_j = exponential_from_bits(philox4x32(seed, j)[0])`, in the
-same exponential race `argmax_j t_j - log(E_j)`. Rounding of `exp`/`log` may differ by an ulp from torch's, so
-a token can differ only where two race scores, or a value and a top-p/min-p boundary, lie within ~1e-6.
+`masked_sample_triton` computes what `torch_sampling.masked_sample_torch` defines (read its docstring for the
+semantics) with the same noise, `E_j = exponential_from_bits(philox4x32(seed, j)[0])`, in the same exponential
+race `argmax_j t_j - log(E_j)` over the kept tokens, so it draws the reference's tokens, not only from the same
+distribution. Two float32 details differ: the unfiltered race scores `x_j / T - log(E_j)` (the reference's
+`(x_j - max x) / T - log(E_j)` up to rounding: one pass needs no row maximum first), and exp/log come from
+other implementations than torch's; either can flip a token only where two race scores lie within ~1e-5.
+The filters work on the reference's exact `t_j = (x_j - max x) / T` (IEEE division).
 
-Kernels, in launch order (N output rows, each row's vocabulary cut into `S` slices of whole tiles):
+Kernels, in launch order (N output rows; each row's vocabulary cut into S slices of whole tiles):
 
-A. `_stats_kernel`, grid (N, S): reads the slice's logits and bitmask words once, and writes the slice's
-   masked maximum, its lowest argmax, the count of allowed finite logits, the maximum of every tile, and, as
-   needed, the logsumexp pieces (logprobs) and the tempered mass and best 32-token groups (filters).
-B. `_race_kernel`, grid (N, S): the exponential race over the slice, skipping every tile whose best `t` is
-   below `PRUNE_T`: a race score is `t - log(E)` with `-log(E)` in [-3.14, 22.88] for every Philox word,
-   and the row's maximum (t = 0) scores at least -3.14, so such a tile cannot hold the winner.
-C. `_finish_kernel`, grid (N,): reduces the slices to the row's token and logprob. With filters it gathers
-   the best groups' tokens, sorts them and finds the exact top-k / top-p / min-p thresholds when the gathered
-   tokens provably contain every token the filters keep (or when the unfiltered winner is provably kept);
-   otherwise it flags the row.
-D. `_fallback_kernel`, grid (N,): flagged rows only (others exit at once): exact thresholds by bisection
-   over the whole row (float keys, one pass per step), then the race over the kept tokens.
+A. `_pass_kernel`, grid (N, S): the only full read of the logits and bitmask. Per slice: masked maximum and its
+   lowest argmax (greedy), count of allowed finite logits, logsumexp pieces (logprobs), tempered mass and the
+   best 32-token groups (filters), and the unfiltered race. The race is the expensive part (a Philox-4x32-10
+   word per token); logarithms are taken only in tiles where a cheap bound says a token can still win.
+B. `_finish_kernel`, grid (N,): reduces the slices to the row's token and logprob. With filters it gathers the
+   best groups' tokens, sorts them and finds the exact top-k / top-p / min-p thresholds when the gathered
+   tokens provably hold every token the filters keep, or when the unfiltered winner provably survives them
+   (then it is the filtered race's winner too); otherwise it flags the row.
+C. `_fallback_kernel`, grid (N,): flagged rows only (others exit at once): exact thresholds by a 16-pivot
+   search over float keys of the whole row (about 8 passes per threshold), then the race over the survivors.
 
 Inputs are assumed valid (`constrain.sampling` checks them); an out-of-range `indices` entry is still made
 harmless (its row reads nothing and returns -1) so a bad index can never make the kernel read out of bounds.
@@ -39,9 +39,6 @@ from .torch_sampling import row_seeds
 
 __all__ = ["SamplingConfig", "apply_bitmask_triton_", "masked_sample_triton"]
 
-# A tile whose largest tempered logit is below this cannot hold the race winner (see B above): the winner
-# scores >= 0 - log(22.8739) = -3.1300 and a token scores <= t - log(1.1642e-10) = t + 22.8739. Margin 0.5.
-PRUNE_T = -26.5
 _NEG_INF = float("-inf")
 _INT32_MAX = 2147483647
 # Group key of "no group": ordered key of -inf in the high word, group id 0x7FFFFFFF (never valid) in the low.
@@ -111,13 +108,19 @@ def _value_of_key(key):
 
 @triton.jit
 def _log_exponential(seed, tok):
-    """log(E_j) for token ids `tok`: E = exponential_from_bits(philox4x32(seed, tok)[0]) (torch_sampling).
+    """log(E_j) for token ids `tok`: E = exponential_from_bits(philox4x32(seed, tok)[0]) (torch_sampling)."""
+    zero = tl.zeros_like(tok)
+    bits, _, _, _ = tl.philox(seed, tok, zero, zero, zero)
+    return _log_exponential_of_bits(bits)
+
+
+@triton.jit
+def _log_exponential_of_bits(bits):
+    """log(E) for Philox words `bits` (uint32), as `exponential_from_bits`.
 
     x = (2 * (bits & 0x7FFFFFFF) + 1) * 2**-33; E = -log(x) if the top bit is 0, else -log1p(-x); log1p is
     computed as log(v) * (-x) / (v - 1) with v = 1 - x (exact to a few ulp, no libdevice needed).
     """
-    zero = tl.zeros_like(tok)
-    bits, _, _, _ = tl.philox(seed, tok, zero, zero, zero)
     x = (2 * (bits & 0x7FFFFFFF) + 1).to(tl.float32) * 1.1641532182693481e-10
     v = 1.0 - x
     upper = (bits >> 31) != 0
@@ -161,25 +164,16 @@ def _load_tile(lrow_ptr, mrow_ptr, tile, V, W, TILE: tl.constexpr):
     return tl.where((bit != 0) & inb, x, float("-inf")), tok
 
 
-@triton.jit
-def _race(x, tok, M, T, seed):
-    """(best race score, its lowest token id) of a tile; -inf / INT32_MAX if nothing is allowed."""
-    t = tl.math.div_rn(x - M, T)
-    score = tl.where(x > float("-inf"), t - _log_exponential(seed, tok), float("-inf"))
-    best = tl.max(tl.max(score, axis=1), axis=0)
-    best_tok = tl.min(tl.min(tl.where(score == best, tok, 2147483647), axis=1), axis=0)
-    return best, best_tok
-
-
 # ----------------------------------------------------------------------------------------------- kernels
 
 
 @triton.jit(do_not_specialize=["temp_val"])
-def _stats_kernel(
+def _pass_kernel(
     logits_ptr,
     stride_l,
     mask_ptr,
     idx_ptr,
+    seed_ptr,
     B,
     V,
     W,
@@ -188,11 +182,11 @@ def _stats_kernel(
     ws_m_ptr,
     ws_arg_ptr,
     ws_cnt_ptr,
-    ws_tmax_ptr,
     ws_s_ptr,
     ws_z_ptr,
     ws_gk_ptr,
-    NT,
+    ws_score_ptr,
+    ws_tok_ptr,
     TPS,
     S,
     TILE: tl.constexpr,
@@ -202,7 +196,7 @@ def _stats_kernel(
     LOGPROBS: tl.constexpr,
     FILTER: tl.constexpr,
 ):
-    """Kernel A: one pass over a slice of a row; per-slice statistics into the workspace."""
+    """Kernel A: one pass over a slice of a row: statistics and the unfiltered exponential race."""
     row = tl.program_id(0)
     split = tl.program_id(1)
     G: tl.constexpr = TILE // 32
@@ -210,7 +204,9 @@ def _stats_kernel(
     lrow_ptr = logits_ptr + lrow * stride_l
     mrow_ptr = mask_ptr + row.to(tl.int64) * W
     T = _param(temp_ptr, temp_val, row, TEMP_PER_ROW, tl.float32)
-    inv_t = 1.0 / tl.where(T > 0, T, 1.0)
+    race = T > 0
+    inv_t = 1.0 / tl.where(race, T, 1.0)
+    seed = tl.load(seed_ptr + row)
 
     run_m = float("-inf")
     run_arg = 2147483647
@@ -218,12 +214,13 @@ def _stats_kernel(
     run_z = 0.0  # sum exp((x - run_m) / T), the tempered mass, for top-p
     cnt = 0
     keys = tl.full((KG,), -9187343239835811840, tl.int64)
+    best = float("-inf")  # race: best score y - log(E) so far, y = x / T
+    best_tok = 2147483647
     for i in range(TPS):
         tile = split * TPS + i
         x, tok = _load_tile(lrow_ptr, mrow_ptr, tile, V, W, TILE)
         gmax = tl.max(x, axis=1)
         tmax = tl.max(gmax, axis=0)
-        tl.store(ws_tmax_ptr + row * NT + tile, tmax, mask=tile < NT)
         targ = tl.min(tl.min(tl.where(x == tmax, tok, 2147483647), axis=1), axis=0)
         # Strictly greater: on ties the earlier tile (lower ids) keeps the argmax.
         run_arg = tl.where((tmax > run_m) & (tmax > float("-inf")), targ, run_arg)
@@ -237,72 +234,43 @@ def _stats_kernel(
             part_z = tl.sum(tl.sum(tl.exp((x - safe) * inv_t), axis=1), axis=0)
             run_z = run_z * tl.exp((run_m - safe) * inv_t) + part_z
             gkey = _group_key(gmax, tile * G + tl.arange(0, G))
-            best = tl.topk(gkey, KG)
-            keys = tl.topk(tl.reshape(tl.join(keys, best), [2 * KG]), KG)
+            keys = tl.topk(tl.reshape(tl.join(keys, tl.topk(gkey, KG)), [2 * KG]), KG)
         run_m = new_m
+
+        # The race, in y = x / T. A token scores y - log(E) <= y + 22.874, so a tile whose best y is below
+        # best - 22.874 is skipped whole; a margin covers float rounding of the scores.
+        bar = best - (1e-3 + 1e-5 * tl.abs(best))
+        if race & (tmax * inv_t + 22.875 >= bar):
+            y = x * inv_t
+            zero = tl.zeros_like(tok)
+            bits, _, _, _ = tl.philox(seed, tok, zero, zero, zero)
+            upper = (bits >> 31) != 0
+            # Cheap necessary test (no per-token log): with the top bit set E >= xlow, the low bits' top 23
+            # bits as a fraction (exact float32, no conversion instruction), so y - log(E) >= bar needs
+            # xlow <= exp(y - bar) <= exp(group max y - bar); with it clear E >= log 2, so y + 0.3666 >= bar.
+            low23 = ((bits & 0x7FFFFFFF) >> 8) | 0x4B000000
+            xlow = (low23.to(tl.float32, bitcast=True) - 8388608.0) * 5.960464477539063e-08
+            glim = tl.exp(gmax * inv_t - bar)
+            maybe = tl.where(upper, xlow <= glim[:, None], y + 0.3666 >= bar) & (x > float("-inf"))
+            if tl.max(tl.max(maybe.to(tl.int32), axis=1), axis=0) != 0:
+                score = tl.where(x > float("-inf"), y - _log_exponential_of_bits(bits), float("-inf"))
+                tile_best = tl.max(tl.max(score, axis=1), axis=0)
+                tile_tok = tl.min(tl.min(tl.where(score == tile_best, tok, 2147483647), axis=1), axis=0)
+                better = tile_best > best
+                best_tok = tl.where(better, tile_tok, best_tok)
+                best = tl.where(better, tile_best, best)
 
     at = row * S + split
     tl.store(ws_m_ptr + at, run_m)
     tl.store(ws_arg_ptr + at, run_arg)
     tl.store(ws_cnt_ptr + at, cnt)
+    tl.store(ws_score_ptr + at, best)
+    tl.store(ws_tok_ptr + at, best_tok)
     if LOGPROBS:
         tl.store(ws_s_ptr + at, run_s)
     if FILTER:
         tl.store(ws_z_ptr + at, run_z)
         tl.store(ws_gk_ptr + at * KG + tl.arange(0, KG), keys)
-
-
-@triton.jit(do_not_specialize=["temp_val"])
-def _race_kernel(
-    logits_ptr,
-    stride_l,
-    mask_ptr,
-    idx_ptr,
-    seed_ptr,
-    B,
-    V,
-    W,
-    temp_ptr,
-    temp_val,
-    ws_m_ptr,
-    ws_tmax_ptr,
-    ws_score_ptr,
-    ws_tok_ptr,
-    NT,
-    TPS,
-    S,
-    SP: tl.constexpr,
-    TILE: tl.constexpr,
-    HAS_IDX: tl.constexpr,
-    TEMP_PER_ROW: tl.constexpr,
-):
-    """Kernel B: the exponential race over a slice (unfiltered), skipping tiles that cannot win."""
-    row = tl.program_id(0)
-    split = tl.program_id(1)
-    lrow, V, W = _row_of(idx_ptr, row, B, V, W, HAS_IDX)
-    lrow_ptr = logits_ptr + lrow * stride_l
-    mrow_ptr = mask_ptr + row.to(tl.int64) * W
-    T = _param(temp_ptr, temp_val, row, TEMP_PER_ROW, tl.float32)
-    seed = tl.load(seed_ptr + row)
-    s = tl.arange(0, SP)
-    M = tl.max(tl.load(ws_m_ptr + row * S + s, mask=s < S, other=float("-inf")), axis=0)
-
-    best = float("-inf")
-    best_tok = 2147483647
-    if (T > 0) & (M > float("-inf")):
-        for i in range(TPS):
-            tile = split * TPS + i
-            tmax = tl.load(ws_tmax_ptr + row * NT + tile, mask=tile < NT, other=float("-inf"))
-            if tmax > float("-inf"):
-                if tl.math.div_rn(tmax - M, T) >= PRUNE_T:
-                    x, tok = _load_tile(lrow_ptr, mrow_ptr, tile, V, W, TILE)
-                    tile_best, tile_tok = _race(x, tok, M, T, seed)
-                    better = tile_best > best
-                    best_tok = tl.where(better, tile_tok, best_tok)
-                    best = tl.where(better, tile_best, best)
-    at = row * S + split
-    tl.store(ws_score_ptr + at, best)
-    tl.store(ws_tok_ptr + at, best_tok)
 
 
 @triton.jit(do_not_specialize=["temp_val", "topk_val", "topp_val", "minp_val"])
@@ -449,7 +417,9 @@ def _finish_kernel(
             mp_eff = tl.where(mp_on, mp, 0.0)
 
             # Complete: no token outside the gathered groups survives (none exists, or a filter drops them).
-            complete = (u_x == float("-inf")) | (k_on & k_known) | (p_known & (e_p > u_e)) | (mp_on & (mp > u_e))
+            complete = (
+                (u_x == float("-inf")) | (k_on & k_known) | (p_known & (e_p > u_e)) | (mp_on & (mp > u_e))
+            )
             complete = complete & (~p_undetermined)
             keep2 = (x2 > float("-inf")) & (t2 >= t_k) & (e2 >= e_p) & (e2 >= mp_eff)
             seed = tl.load(seed_ptr + row)
@@ -606,7 +576,9 @@ def _fallback_kernel(
 
 
 @triton.jit
-def _apply_bitmask_kernel(logits_ptr, stride_l, mask_ptr, idx_ptr, V, W, TILE: tl.constexpr, HAS_IDX: tl.constexpr):
+def _apply_bitmask_kernel(
+    logits_ptr, stride_l, mask_ptr, idx_ptr, V, W, TILE: tl.constexpr, HAS_IDX: tl.constexpr
+):
     """Write -inf over the disallowed logits of one tile of one listed row (loads no logits)."""
     r = tl.program_id(0)
     tile = tl.program_id(1)
@@ -636,7 +608,9 @@ def _next_pow2(n: int) -> int:
     return 1 << max(0, int(n) - 1).bit_length()
 
 
-def _row_arg(value: float | int | Tensor, dtype: torch.dtype, device: torch.device) -> tuple[Tensor | None, float]:
+def _row_arg(
+    value: float | int | Tensor, dtype: torch.dtype, device: torch.device
+) -> tuple[Tensor | None, float]:
     """(per-row tensor or None, scalar) kernel arguments for a parameter given as a scalar or an (N,) tensor."""
     if isinstance(value, Tensor):
         return value.to(device=device, dtype=dtype).contiguous(), 0
@@ -714,7 +688,6 @@ def masked_sample_triton(
     ws_m = torch.empty(n_rows, slices, **f32)
     ws_arg = torch.empty(n_rows, slices, **i32)
     ws_cnt = torch.empty(n_rows, slices, **i32)
-    ws_tmax = torch.empty(n_rows, n_tiles, **f32)
     ws_s = torch.empty(n_rows, slices, **f32) if return_logprobs else ws_m
     ws_z = torch.empty(n_rows, slices, **f32) if filters else ws_m
     ws_gk = torch.empty(n_rows, slices, kg, dtype=torch.int64, device=device) if filters else ws_m
@@ -731,19 +704,12 @@ def masked_sample_triton(
     # Exact float32 arithmetic as in the reference: no fused multiply-adds.
     opts = dict(num_warps=config.num_warps, enable_fp_fusion=False)
 
-    _stats_kernel[(n_rows, slices)](
-        *common, batch, vocab, words, *temp_args,
-        ws_m, ws_arg, ws_cnt, ws_tmax, ws_s, ws_z, ws_gk,
-        n_tiles, tiles_per_slice, slices,
+    _pass_kernel[(n_rows, slices)](
+        *common, seed, batch, vocab, words, *temp_args,
+        ws_m, ws_arg, ws_cnt, ws_s, ws_z, ws_gk, ws_score, ws_tok,
+        tiles_per_slice, slices,
         TILE=tile, KG=kg, LOGPROBS=return_logprobs, FILTER=filters, **flags, **opts,
     )  # fmt: skip
-    if not all_greedy:
-        _race_kernel[(n_rows, slices)](
-            *common, seed, batch, vocab, words, *temp_args,
-            ws_m, ws_tmax, ws_score, ws_tok,
-            n_tiles, tiles_per_slice, slices,
-            SP=sp, TILE=tile, **flags, **opts,
-        )  # fmt: skip
     param_args = (
         *temp_args,
         dummy if topk_t is None else topk_t, int(topk_v),
@@ -785,7 +751,9 @@ def apply_bitmask_triton_(logits: Tensor, bitmask: Tensor, indices: Tensor | Non
     """
     batch, vocab = logits.shape
     if logits.stride(1) != 1:
-        raise ValueError(f"apply_bitmask_triton_ needs logits with a contiguous last dim, got {logits.stride()}")
+        raise ValueError(
+            f"apply_bitmask_triton_ needs logits with a contiguous last dim, got {logits.stride()}"
+        )
     bitmask = bitmask.contiguous()
     if indices is None:
         rows, idx = batch, bitmask

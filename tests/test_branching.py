@@ -283,6 +283,22 @@ def test_sharing_the_beams_common_tokens_changes_nothing(vocab):
     assert [b.score for b in shared.beams] == pytest.approx([b.score for b in plain.beams], abs=1e-5)
 
 
+def test_fixed_buffer_decoding_gives_the_same_beams_and_branches(vocab):
+    """The CUDA-graph-ready step (fixed buffers, in-place beam reorder; run eagerly on the CPU) changes no
+    beam, no score and no sampled token; a branch ending early takes it back to growing buffers."""
+    model = tiny_model("qwen2", seed=12)
+    prompt = random_prompt(12)
+    kw = dict(num_beams=3, max_new_tokens=9, vocab=vocab, reuse_prefix=False, share_common_after=None)
+    plain, fixed = (beam_search(model, None, prompt, cuda_graph=g, **kw) for g in (False, True))
+    assert [b.token_ids for b in fixed.beams] == [b.token_ids for b in plain.beams]
+    assert [b.score for b in fixed.beams] == pytest.approx([b.score for b in plain.beams], abs=1e-5)
+    rule = lambda h: [EOS, 20, 40] if len(h) >= 2 else range(4, 90, 2)  # noqa: E731
+    kw = dict(n=6, max_new_tokens=8, seed=3, vocab=vocab, reuse_prefix=False)
+    plain, fixed = (generate_n(model, None, prompt, RuleMatcher(vocab, rule), cuda_graph=g, **kw) for g in (0, 1))
+    assert [b.token_ids for b in fixed.branches] == [b.token_ids for b in plain.branches]
+    assert {b.finish_reason for b in fixed.branches} == {"eos", "length"}
+
+
 # -- prefix reuse, fallback, bad input ---------------------------------------------------------------------------
 def test_a_second_request_reuses_the_stored_prompt_prefix(vocab):
     model = tiny_model("qwen3", seed=9)

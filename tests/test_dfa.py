@@ -45,6 +45,8 @@ PATTERNS = [
     (r"(?s:.)\n.", 0),
     (r"(a|b)*?c{2,}", 0),
     (r"(?ia)[^k]s", 0),
+    (r"(?:^a|b)c$", 0),
+    (r"(?:a|^)b(?:$|c)", re.MULTILINE),
 ]
 IDS = [f"{p!r}/{f}" for p, f in PATTERNS]
 
@@ -163,6 +165,9 @@ SINGLE_CHAR_CLASSES = [
     r"(?ai)[a-z]",
     r"(?i)[^\W\d]",
     r"(?i)Σ",
+    r'[^"\\]',
+    r"[a-c\u0100-\u0200x-]",
+    r"[^\x00-\x7f\U00010000-\U0010fffe]",
 ]
 
 
@@ -321,6 +326,10 @@ UNSUPPORTED = [
     (r"a\Zb", r"\Z", 1),
     (r"a\Ab", r"\A", 1),
     ("(?x) a b  # comment with ^ and \\b \n  ^", "^", None),
+    (r"(?x: a [ ]  \b )", r"\b", 12),
+    (r"(?#not \b here)a\b", r"\b", 16),
+    (r"[\1](x)\1", "backreference", 7),
+    (r"\101(x)\1", "backreference", 7),
 ]
 
 

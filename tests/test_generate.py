@@ -1,8 +1,8 @@
 """The decode loop (`constrain.generate`) and the transformers adapter (`constrain.hf`).
 
-Oracles: a brute-force masked argmax computed here without our loop (a full forward on prompt + tokens at every
-step, no KV cache, no padding), `re.fullmatch` on the output text, and a test-double matcher that allows a fixed
-set of token sequences (so the allowed set at every step is known independently of any constraint compiler).
+Oracles: a brute-force masked argmax computed here without our loop (a full forward on prompt + tokens at
+every step, no KV cache, no padding), `re.fullmatch` on the output text, and a test-double matcher that allows
+a fixed set of token sequences (so the allowed set at every step is known independently of any compiler).
 Models: tiny random Llama models built here (fast), and the real SmolLM2-135M-Instruct for end-to-end checks.
 """
 
@@ -134,6 +134,16 @@ def tiny_llama(vocab_size: int, seed: int = 0):
     return LlamaForCausalLM(config).eval()
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    """One intra-op thread: on a 2-core machine shared with other work, torch's default of 2 spinning OpenMP
+    threads measured 5-10x slower for these small models (the outputs do not depend on it)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def tok(tokenizers):
     return tokenizers("smollm2")
@@ -157,7 +167,9 @@ def smollm2():
 
 
 def regex_module():
-    return pytest.importorskip("constrain.grammars.regex", reason="constrain.grammars.regex not available yet")
+    return pytest.importorskip(
+        "constrain.grammars.regex", reason="constrain.grammars.regex not available yet"
+    )
 
 
 # -- the oracle ----------------------------------------------------------------------------------------------
@@ -166,7 +178,10 @@ def regex_module():
 def full_logits(model, ids: list[int]) -> torch.Tensor:
     """Next-token logits after `ids`: one full forward, no KV cache, no padding."""
     with torch.inference_mode():
-        return model(input_ids=torch.tensor([ids]), use_cache=False).logits[0, -1].float()
+        device = next(model.parameters()).device
+        return (
+            model(input_ids=torch.tensor([ids], device=device), use_cache=False).logits[0, -1].float().cpu()
+        )
 
 
 def brute_force_greedy(model, prompt: list[int], fresh: Callable[[], Matcher | None], vocab, max_new: int):
@@ -195,7 +210,9 @@ def brute_force_greedy(model, prompt: list[int], fresh: Callable[[], Matcher | N
             return tokens, "length"
 
 
-def assert_masked_argmax_path(model, prompt: list[int], g: Generation, fresh: Callable[[], Matcher | None], vocab):
+def assert_masked_argmax_path(
+    model, prompt: list[int], g: Generation, fresh: Callable[[], Matcher | None], vocab
+):
     """Teacher-forced check: every generated token is allowed and its logit is the best allowed one (up to
     float noise between cached/padded and full forwards), and the finish reason is what the mask says."""
     matcher = fresh()
@@ -219,7 +236,7 @@ def encoded(tok, text: str) -> list[int]:
     return tok(text)["input_ids"]
 
 
-# -- greedy = brute-force masked argmax -----------------------------------------------------------------------
+# -- greedy = brute-force masked argmax ----------------------------------------------------------------------
 
 
 def test_greedy_with_sequence_constraint_equals_brute_force_masked_argmax(tiny, tok, vocab):
@@ -235,10 +252,18 @@ def test_greedy_with_sequence_constraint_equals_brute_force_masked_argmax(tiny, 
 def test_batch_with_mixed_constraints_follows_masked_argmax_in_every_row(tiny, tok, vocab):
     """Rows of different prompt lengths (left padding) and constraints: each row is the masked argmax path
     of its own prompt computed without padding or cache."""
-    prompts = [encoded(tok, "a short one"), encoded(tok, "a much longer prompt than the others, with words"), [7]]
+    prompts = [
+        encoded(tok, "a short one"),
+        encoded(tok, "a much longer prompt than the others, with words"),
+        [7],
+    ]
     seqs = [[10, 11, 12, 13], [10, 11, 14], [20]]
     constraints = [SequencesMatcher(vocab, seqs), None, SequencesMatcher(vocab, [[30, 31, 32, 33, 34, 35]])]
-    fresh = [lambda: SequencesMatcher(vocab, seqs), lambda: None, lambda: SequencesMatcher(vocab, [[30, 31, 32, 33, 34, 35]])]
+    fresh = [
+        lambda: SequencesMatcher(vocab, seqs),
+        lambda: None,
+        lambda: SequencesMatcher(vocab, [[30, 31, 32, 33, 34, 35]]),
+    ]
     gens = generate(tiny, tok, prompts, constraints, max_new_tokens=6)
     assert [g.prompt_tokens for g in gens] == [len(p) for p in prompts]
     for prompt, g, f in zip(prompts, gens, fresh, strict=True):
@@ -291,7 +316,7 @@ def test_smollm2_choice_and_regex_rows_in_one_batch_fullmatch(smollm2):
     assert gens[2].finish_reason in ("eos", "length") and gens[2].text
 
 
-# -- finish reasons --------------------------------------------------------------------------------------------
+# -- finish reasons ------------------------------------------------------------------------------------------
 
 
 def biased(tiny, vocab, tokens, amount: float) -> BiasedLM:
@@ -358,7 +383,7 @@ def test_logprobs_are_the_masked_log_softmax_of_the_chosen_tokens(tiny, tok, voc
         matcher.accept(token)
 
 
-# -- streaming -------------------------------------------------------------------------------------------------
+# -- streaming -----------------------------------------------------------------------------------------------
 
 
 @settings(max_examples=200, deadline=None)
@@ -431,7 +456,15 @@ def test_overlap_on_and_off_give_identical_sampled_outputs(tiny, tok, vocab):
     def run(overlap: bool):
         constraints = [SequencesMatcher(vocab, seqs), None, SequencesMatcher(vocab, seqs)]
         return generate(
-            tiny, tok, prompts, constraints, max_new_tokens=6, temperature=1.3, top_k=20, top_p=0.95, seed=11,
+            tiny,
+            tok,
+            prompts,
+            constraints,
+            max_new_tokens=6,
+            temperature=1.3,
+            top_k=20,
+            top_p=0.95,
+            seed=11,
             overlap=overlap,
         )
 
@@ -479,13 +512,15 @@ def test_overlap_fills_the_next_mask_while_the_forward_runs(tiny, tok, vocab):
     assert plain.fill_threads and set(plain.fill_threads) == {threading.current_thread().name}
 
 
-# -- inputs and errors -------------------------------------------------------------------------------------------
+# -- inputs and errors ---------------------------------------------------------------------------------------
 
 
 def test_chat_template_is_applied_by_default_and_can_be_turned_off(tiny, tok):
     [with_chat] = generate(tiny, tok, "Hi", max_new_tokens=1)
     [without] = generate(tiny, tok, "Hi", max_new_tokens=1, chat=False)
-    templated = tok.apply_chat_template([{"role": "user", "content": "Hi"}], tokenize=False, add_generation_prompt=True)
+    templated = tok.apply_chat_template(
+        [{"role": "user", "content": "Hi"}], tokenize=False, add_generation_prompt=True
+    )
     assert with_chat.prompt_tokens == len(tok(templated, add_special_tokens=False)["input_ids"])
     assert without.prompt_tokens == len(tok("Hi")["input_ids"])
 
@@ -535,7 +570,7 @@ def test_empty_prompt_list_gives_no_generations(tiny, tok):
     assert generate(tiny, tok, []) == []
 
 
-# -- the transformers LogitsProcessor -----------------------------------------------------------------------------
+# -- the transformers LogitsProcessor ------------------------------------------------------------------------
 
 
 def hf_greedy(model, prompts: list[list[int]], processor, vocab, max_new: int, **kwargs) -> list[list[int]]:
@@ -585,13 +620,19 @@ def test_logits_processor_keeps_every_beam_and_sample_inside_the_constraint(tiny
     seqs = [[10, 11, 12], [10, 13], [14, 15, 16, 17], [14, 15, 18], [19]]
     valid = {tuple(s) for s in seqs}
     prompts = [[5, 6], [7]]
-    processor = ConstrainedLogitsProcessor([SequencesMatcher(vocab, seqs), SequencesMatcher(vocab, seqs)], vocab)
-    beams = hf_greedy(tiny, prompts, processor, vocab, 6, num_beams=4, num_return_sequences=4, do_sample=False)
+    processor = ConstrainedLogitsProcessor(
+        [SequencesMatcher(vocab, seqs), SequencesMatcher(vocab, seqs)], vocab
+    )
+    beams = hf_greedy(
+        tiny, prompts, processor, vocab, 6, num_beams=4, num_return_sequences=4, do_sample=False
+    )
     assert len(beams) == 8
     for row in beams:
         assert tuple(without_eos(row, vocab)) in valid and row[-1] in vocab.eos_ids
     torch.manual_seed(0)
-    samples = hf_greedy(tiny, prompts, processor, vocab, 6, do_sample=True, num_return_sequences=5, temperature=2.0)
+    samples = hf_greedy(
+        tiny, prompts, processor, vocab, 6, do_sample=True, num_return_sequences=5, temperature=2.0
+    )
     assert len(samples) == 10
     for row in samples:
         assert tuple(without_eos(row, vocab)) in valid
@@ -608,3 +649,57 @@ def test_logits_processor_refuses_mismatched_batches_and_widths(vocab):
         processor(torch.zeros((2, 4), dtype=torch.long), torch.zeros((2, vocab.vocab_size + 1)))
     with pytest.raises(ConstraintError, match="expected a Constraint"):
         ConstrainedLogitsProcessor("not a constraint", vocab)
+
+
+# -- CUDA (run where a GPU is present; skipped elsewhere) ------------------------------------------------
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_cuda_greedy_follows_masked_argmax_with_pinned_mask_copies(tok, vocab):
+    """On CUDA (mask filled in pinned memory, copied on a side stream): each row is the masked argmax path,
+    and overlap on/off give the same tokens."""
+    rx = regex_module()
+    model = tiny_llama(len(tok)).to("cuda")
+    prompts = [[5, 6, 7], encoded(tok, "a longer prompt with more words"), [9, 10]]
+    seqs = [[10, 11, 12], [10, 13], [14, 15, 16, 17]]
+    pattern = r"[a-z]{2,6}-\d{2}"
+
+    def constraints():
+        return [SequencesMatcher(vocab, seqs), rx.regex(pattern).compile(vocab).matcher(), None]
+
+    on = generate(model, tok, prompts, constraints(), max_new_tokens=10, overlap=True)
+    off = generate(model, tok, prompts, constraints(), max_new_tokens=10, overlap=False)
+    assert on == off
+    assert re.fullmatch(pattern, on[1].text) or on[1].finish_reason == "length"
+    fresh = [lambda: SequencesMatcher(vocab, seqs), rx.regex(pattern).compile(vocab).matcher, lambda: None]
+    for prompt, g, f in zip(prompts, on, fresh, strict=True):
+        assert_masked_argmax_path(model, prompt, g, f, vocab)
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_cuda_sampling_is_reproducible_and_overlap_independent(tok, vocab):
+    model = tiny_llama(len(tok)).to("cuda")
+    seqs = [[10, 11, 12], [10, 13], [14, 15, 16, 17], [14, 18]]
+
+    def run(overlap: bool):
+        constraints = [SequencesMatcher(vocab, seqs), None, SequencesMatcher(vocab, seqs), None]
+        return generate(
+            model,
+            tok,
+            [[5], [6, 7], [8], [9]],
+            constraints,
+            max_new_tokens=8,
+            temperature=1.0,
+            top_p=0.9,
+            seed=3,
+            overlap=overlap,
+        )
+
+    on = run(True)
+    assert on == run(False) == run(True)
+    for g in (on[0], on[2]):
+        assert tuple(without_eos(g.token_ids, vocab)) in {tuple(s) for s in seqs}

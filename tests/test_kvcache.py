@@ -194,7 +194,6 @@ def test_reorder_copies_branch_rows_only_and_keeps_logits_exact(static):
         kv.fork(4)
         prefix_ptrs = [k.data_ptr() for k in kv.cache.segments[0].keys]
         for step, parents in enumerate([None, [0, 0, 2, 3], [3, 1, 1, 0], [2, 2], [1, 0, 1]]):
-            assert kv.cache.static == (static and step < 3)
             if parents is not None:
                 kv.reorder(torch.tensor(parents))
                 histories = [list(histories[p]) for p in parents]
@@ -202,6 +201,7 @@ def test_reorder_copies_branch_rows_only_and_keeps_logits_exact(static):
             for h, t in zip(histories, feed.tolist(), strict=True):
                 h.append(t)
             logits = kv.step(feed)
+            assert kv.cache.static == (static and step < 3)
             expected = full_logits(model, [prompt + h for h in histories])[:, -1]
             torch.testing.assert_close(logits.float(), expected, atol=1e-5, rtol=1e-5, msg=f"step {step}")
     assert [k.data_ptr() for k in kv.cache.segments[0].keys] == prefix_ptrs

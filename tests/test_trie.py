@@ -20,6 +20,7 @@ from constrain.index import storage
 from constrain.index.storage import FileSetWriter
 from constrain.index.trie import (
     ROOT,
+    CompiledTrie,
     TokenBatch,
     TrieIndex,
     TrieStore,
@@ -203,6 +204,54 @@ def test_any_trie_store_drives_the_same_matcher(facts, data, no_repeat):
         assert fast.accept(t) and slow.accept(t)
         if t == EOS:
             break
+
+
+@SETTINGS
+@given(fact_sets, st.data(), st.booleans())
+def test_precomputed_rows_of_wide_nodes_give_the_same_masks(facts, data, no_repeat):
+    """With every branching node's row precomputed (threshold 1), masks equal those set bit by bit."""
+    from constrain.index import trie
+
+    index = build(facts)
+    plain = trie.CompiledTrie(index, VOCAB, no_repeat=no_repeat)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(trie, "WIDE_FANOUT", 1)
+        cached = trie.CompiledTrie(index, VOCAB, no_repeat=no_repeat)
+    assert cached.wide_nodes.size == min(
+        trie.MAX_WIDE_ROWS, int((np.diff(index.arrays.child_start) >= 1).sum())
+    )
+    a, b = plain.matcher(), cached.matcher()
+    for _ in range(30):
+        options = sorted(allowed(a))
+        assert options == sorted(allowed(b))
+        if not options:
+            break
+        t = data.draw(st.sampled_from(options))
+        if t == EOS:
+            a.end_fact()
+            b.end_fact()
+        else:
+            assert a.accept(t) and b.accept(t)
+
+
+def test_a_wide_root_over_a_real_vocabulary_has_exact_masks():
+    """5,000 short facts over Llama-3 ids: the root's precomputed row is exactly their first tokens."""
+    from constrain.assets import load_vocabulary
+
+    vocab = load_vocabulary("llama3")
+    rng = np.random.default_rng(0)
+    ordinary = vocab.ordinary_ids
+    facts = {tuple(int(t) for t in rng.choice(ordinary, size=int(rng.integers(1, 4)))) for _ in range(5000)}
+    index = build_trie([list(f) for f in facts], None, vocab=vocab, progress=False)
+    compiled = trie_constraint(index).compile(vocab)
+    assert 0 in compiled.wide_nodes.tolist()
+    m = compiled.matcher()
+    assert set(m.allowed_tokens().tolist()) == {f[0] for f in facts}
+    f = max(facts, key=len)
+    assert m.accepts(f) and m.accept(f[0])
+    assert set(m.allowed_tokens().tolist()) == {g[1] for g in facts if g[0] == f[0] and len(g) > 1} | (
+        set(vocab.eos_ids) if (f[0],) in facts else set()
+    )
 
 
 # -- no_repeat -------------------------------------------------------------------------------------------
@@ -505,7 +554,7 @@ def test_corrupt_values_in_an_unverified_index_raise_instead_of_crashing(saved):
     """Without checksums, a damaged child range is caught by the kernels' bounds checks."""
     file = saved / "child_start.npy"
     array = np.load(file)
-    array[1] = 10**6  # root's children would run far past the node array
+    array[1] = len(array) + 3  # root's children would run past the node array
     np.save(file, array)
     index = TrieIndex.load(saved, verify=False)
     m = trie_constraint(index).compile(VOCAB).matcher()
@@ -515,6 +564,10 @@ def test_corrupt_values_in_an_unverified_index_raise_instead_of_crashing(saved):
         m.accept(9)
     with pytest.raises(IndexFormatError):
         index.verify()
+    array[1] = 10**6  # so wide that compiling precomputes its row, and finds the damage there
+    np.save(file, array)
+    with pytest.raises(IndexFormatError, match="corrupt trie near node 0"):
+        CompiledTrie(TrieIndex.load(saved, verify=False), VOCAB)
 
 
 def test_a_structurally_bad_trie_with_valid_checksums_fails_verification(tmp_path):
