@@ -8,8 +8,9 @@ Per-step timing follows "quoting" walks, as a model that copies from the corpus 
 random admissible start (any token, a document start, or a line start), then accepts the corpus's own next
 tokens for up to 32 steps, timing `matcher.fill_bitmask(bitmask, 0)` on a CPU torch int32 bitmask (the ABI)
 before every step. Step 0 (the empty span) copies the precomputed start mask; step 1 usually has the widest
-range (thousands of occurrences), so it is also reported on its own. `kernel` times `CompiledFM.fill_words`
-alone (no bitmask checks, no row zeroing).
+range (thousands of occurrences), so it is also reported on its own. Each mode runs twice: with the wide-range
+mask cache off (every mask computed), then on (starting empty, warmed only by the walks themselves).
+`kernel` times `CompiledFM.fill_words` alone (no cache, no bitmask checks, no row zeroing).
 
     .venv/bin/python bench/index_fm.py                 # ~100k and ~1M tokens
     .venv/bin/python bench/index_fm.py --sizes 100000 --walks 100
@@ -31,7 +32,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from constrain import allocate_bitmask, compile  # noqa: E402
 from constrain.assets import load_tokenizer, load_vocabulary  # noqa: E402
-from constrain.index.fm import FMIndex, fm_constraint  # noqa: E402
+from constrain.index.fm import WIDE_RANGE, FMIndex, fm_constraint  # noqa: E402
 
 
 def stdlib_corpus(tokenizer, target: int) -> list[list[int]]:
@@ -106,10 +107,15 @@ def main() -> None:
 
     tokenizer = load_tokenizer("llama3")
     vocab = load_vocabulary("llama3")
-    print(f"# FM-index benchmark: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
-          f"Python {platform.python_version()}, vocabulary llama3 ({vocab.vocab_size} ids)")
-    print("\n| corpus tokens | docs | distinct ids | build (s) any/doc | build (s) +sentences | bytes/token "
-          "| bytes/token +sentences | save (ms) | load+verify (ms) |")
+    print(
+        f"# FM-index benchmark: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
+        f"Python {platform.python_version()}, vocabulary llama3 ({vocab.vocab_size} ids), "
+        f"load average (1 min) {os.getloadavg()[0]:.2f}"
+    )
+    print(
+        "\n| corpus tokens | docs | distinct ids | build (s) any/doc | build (s) +sentences | bytes/token "
+        "| bytes/token +sentences | save (ms) | load+verify (ms) |"
+    )
     print("|---|---|---|---|---|---|---|---|---|")
     # Warm-up outside the timings: numba loads its cached kernels, the vocabulary builds its id tables.
     warm = compile(fm_constraint(FMIndex.build([[1, 2, 3]], vocab_size=vocab.vocab_size)), vocab).matcher()
@@ -133,24 +139,37 @@ def main() -> None:
             FMIndex.load(tmp)
             load = time.perf_counter() - t0
         n = index.n_tokens
-        print(f"| {n:,} | {index.n_documents} | {index.tokens.shape[0]:,} | {build:.2f} | {build_s:.2f} "
-              f"| {index.nbytes / n:.2f} | {with_sentences.nbytes / n:.2f} | {save * 1e3:.0f} | {load * 1e3:.0f} |")
+        print(
+            f"| {n:,} | {index.n_documents} | {index.tokens.shape[0]:,} | {build:.2f} | {build_s:.2f} "
+            f"| {index.nbytes / n:.2f} | {with_sentences.nbytes / n:.2f} "
+            f"| {save * 1e3:.0f} | {load * 1e3:.0f} |"
+        )
         results.append((n, index, with_sentences, docs, starts))
 
-    print("\nPer-step `fill_bitmask` in µs, p50 / p99 / mean (quoting walks, "
-          f"{args.walks} per row; accept = one incremental step):\n")
-    print("| corpus tokens | start | compile (ms) | steps | fill, all steps | fill, step 1 | kernel only | accept |")
-    print("|---|---|---|---|---|---|---|---|")
+    print(
+        "\nPer-step `fill_bitmask` in µs, p50 / p99 / mean (quoting walks, "
+        f"{args.walks} per row; accept = one incremental step):\n"
+    )
+    print(
+        "| corpus tokens | start | mask cache | compile (ms) | steps | fill, all steps | fill, step 1 "
+        "| kernel only | accept |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|")
     for n, index, with_sentences, docs, starts in results:
         for mode in ("any", "document", "sentence"):
             source = with_sentences if mode == "sentence" else index
             t0 = time.perf_counter()
             compiled = compile(fm_constraint(source, start=mode), vocab)
             comp = (time.perf_counter() - t0) * 1e3
-            rng = np.random.default_rng(args.seed)
-            fills, first, kernel, accepts = walk_times(compiled, docs, starts, mode, args.walks, rng)
-            print(f"| {n:,} | {mode} | {comp:.0f} | {len(fills)} | {percentiles(fills)} | {percentiles(first)} "
-                  f"| {percentiles(kernel)} | {percentiles(accepts)} |")
+            for cache in ("off", "on"):
+                compiled.wide_range = WIDE_RANGE if cache == "on" else n + 2  # no range is that wide
+                rng = np.random.default_rng(args.seed)  # the same walks both times
+                fills, first, kernel, accepts = walk_times(compiled, docs, starts, mode, args.walks, rng)
+                print(
+                    f"| {n:,} | {mode} | {cache} | {comp:.0f} | {len(fills)} | {percentiles(fills)} "
+                    f"| {percentiles(first)} | {percentiles(kernel)} | {percentiles(accepts)} |"
+                )
+    print(f"\nload average (1 min) at the end: {os.getloadavg()[0]:.2f}")
 
 
 if __name__ == "__main__":

@@ -325,6 +325,8 @@ def bench(args) -> dict:
                     row["tokens_per_second"] = n * args.new / seconds
                 rows.append(row)
                 print(json.dumps(row), flush=True)
+                if args.out:  # after every row, so a run stopped early keeps what it measured
+                    Path(args.out).write_text(json.dumps({"info": info, "rows": rows}, indent=1))
                 del result
     summarise(rows)
     return {"info": info, "rows": rows}

@@ -27,6 +27,7 @@ import torch
 from .bitmask import allocate_bitmask, bitmask_words
 from .constraint import CompiledConstraint, Constraint, Matcher, compile, fill_unconstrained
 from .errors import ConstraintError, VocabularyError
+from .sampling import masked_sample
 from .vocab import Vocabulary
 
 FINISH_REASONS = ("eos", "length", "constraint_complete", "no_allowed_token")
@@ -369,16 +370,15 @@ def generate_stream(
     stop_at_eos: bool = True,
     overlap: bool = True,
 ) -> Iterator[StreamEvent]:
-    """Generate like `generate`, yielding a `StreamEvent` per token and one final event per row.
+    """Generate like `generate`, as an iterator of `StreamEvent`s: one per token, then one final event per row
+    (carrying its `Generation`), in decode order (row by row within a step).
 
-    Events come in decode order (row by row within a step). Raises as `generate` does.
+    The arguments are checked here, before the first event; raises as `generate` does.
     """
-    from .sampling import masked_sample
-
     prompt_list = _as_prompt_list(prompts)
-    if not prompt_list:
-        return
     _check_params(max_new_tokens, temperature, top_k, top_p, min_p)
+    if not prompt_list:
+        return iter(())
     vocab = vocab if vocab is not None else model_vocabulary(model, tokenizer)
     width = logits_width(model)
     if vocab.vocab_size != width:
@@ -386,32 +386,58 @@ def generate_stream(
             f"the vocabulary's logits width {vocab.vocab_size} differs from the model's {width} "
             "(build it with Vocabulary.from_tokenizer(tok, vocab_size=model.config.vocab_size))"
         )
-    batch = len(prompt_list)
-    matchers = make_matchers(constraints, batch, vocab)
+    matchers = make_matchers(constraints, len(prompt_list), vocab)
     encoded = encode_prompts(tokenizer, prompt_list, vocab, chat)
-    device = _model_device(model)
-
-    # Left padding: every row's last prompt token sits in the last column, so one step feeds one column.
     pad_id = next((int(t) for t in (tokenizer.pad_token_id, tokenizer.eos_token_id) if t is not None), 0)
-    longest = max(len(ids) for ids in encoded)
+    device = _model_device(model)
+    generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
+    sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, generator=generator)
+    return _decode(
+        model, encoded, matchers, vocab, device, pad_id, max_new_tokens, sampling, stop_at_eos, overlap
+    )
+
+
+def _left_pad(
+    encoded: list[list[int]], pad_id: int, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(input_ids, attention_mask, position_ids), each `(batch, longest)`: every row's last prompt token sits
+    in the last column, so each step feeds one column; positions count only real tokens (as transformers)."""
+    batch, longest = len(encoded), max(len(ids) for ids in encoded)
     input_ids = torch.full((batch, longest), pad_id, dtype=torch.long)
     attention = torch.zeros((batch, longest), dtype=torch.long)
     for i, ids in enumerate(encoded):
         input_ids[i, longest - len(ids) :] = torch.tensor(ids, dtype=torch.long)
         attention[i, longest - len(ids) :] = 1
-    positions = (attention.cumsum(-1) - 1).masked_fill_(attention == 0, 1)  # as transformers does
-    input_ids, attention, positions = input_ids.to(device), attention.to(device), positions.to(device)
-    next_position = attention.sum(-1, keepdim=True)
+    positions = (attention.cumsum(-1) - 1).masked_fill_(attention == 0, 1)
+    return input_ids.to(device), attention.to(device), positions.to(device)
 
+
+def _decode(
+    model: Any,
+    encoded: list[list[int]],
+    matchers: list[Matcher | None],
+    vocab: Vocabulary,
+    device: torch.device,
+    pad_id: int,
+    max_new_tokens: int,
+    sampling: dict[str, Any],
+    stop_at_eos: bool,
+    overlap: bool,
+) -> Iterator[StreamEvent]:
+    """The loop itself (see the module docstring and docs/generate.md)."""
+    batch = len(encoded)
+    input_ids, attention, positions = _left_pad(encoded, pad_id, device)
+    next_position = attention.sum(-1, keepdim=True)
     rows = [_Row(len(ids)) for ids in encoded]
     active = [True] * batch
     live = list(range(batch))  # the original rows still in the model's batch, in batch order
     filler = _MaskFiller(matchers, vocab, device)
-    generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
-    eos_ids = vocab.eos_ids
-    special = vocab.special_ids
-    token_bytes = vocab.token_bytes
-    n_tokens = vocab.n_tokens
+    eos_ids, special, token_bytes, n_tokens = (
+        vocab.eos_ids,
+        vocab.special_ids,
+        vocab.token_bytes,
+        vocab.n_tokens,
+    )
     keep_last = "logits_to_keep" in inspect.signature(model.forward).parameters
 
     def finish(i: int, reason: str) -> StreamEvent:
@@ -438,6 +464,7 @@ def generate_stream(
                 f"say {vocab.vocab_size}"
             )
         for step in range(max_new_tokens):
+            # 1. The mask decides rows that cannot go on.
             status = pending.result()
             ended: list[StreamEvent] = []
             for j, i in enumerate(live):
@@ -448,16 +475,9 @@ def generate_stream(
             yield from ended
             if not any(active):
                 break
+            # 2. Masked sampling, then each matcher follows its row's token.
             tokens, logprobs = masked_sample(
-                logits.float(),
-                filler.ready(),
-                temperature=temperature,
-                top_k=top_k,
-                top_p=top_p,
-                min_p=min_p,
-                generator=generator,
-                return_logprobs=True,
-                on_empty="return",
+                logits.float(), filler.ready(), **sampling, return_logprobs=True, on_empty="return"
             )
             tokens_list = tokens.tolist()
             logprobs_list = logprobs.float().tolist()
@@ -487,16 +507,16 @@ def generate_stream(
             yield from events
             if not any(active):
                 break
+            # 3. Ended rows leave the batch (KV cache included), so the forward stops paying for them.
             feed = [tokens_list[j] if active[i] else pad_id for j, i in enumerate(live)]
             keep = [j for j, i in enumerate(live) if active[i]]
             if len(keep) < len(live) and hasattr(cache, "batch_select_indices"):
-                # Drop ended rows from the batch (KV cache included) so the forward stops paying for them.
                 index = torch.tensor(keep, device=device)
                 cache.batch_select_indices(index)
                 attention, next_position = attention[index], next_position[index]
                 live = [live[j] for j in keep]
                 feed = [feed[j] for j in keep]
-            # Overlap: the worker fills the next mask while this thread runs the forward.
+            # 4. Overlap: the worker fills the next mask while this thread runs the forward.
             pending = launch_fill()
             attention = torch.cat([attention, attention.new_ones((len(live), 1))], dim=-1)
             out = model(
@@ -510,9 +530,6 @@ def generate_stream(
             logits = out.logits[:, -1, :]
             next_position = next_position + 1
         pending.result()  # never leave a fill running past the loop
-        for i in range(batch):
-            if active[i]:  # defensive: every row has ended by now
-                yield finish(i, "length")
 
 
 def generate(

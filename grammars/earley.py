@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -34,6 +34,8 @@ class Terminal:
     name: str
     pattern: str
     flags: int = 0
+    # A prebuilt automaton for languages no regex spells (then `pattern` is only a unique key).
+    dfa: ByteDFA | None = field(default=None, compare=False, hash=False, repr=False)
 
 
 @dataclass(frozen=True)
@@ -74,7 +76,7 @@ class Grammar:
         self.terminal_names = names
         self.dfas: list[ByteDFA] = []
         for t in ir.terminals:
-            dfa = pattern_dfa(t.pattern, t.flags, t.name)
+            dfa = t.dfa if t.dfa is not None else pattern_dfa(t.pattern, t.flags, t.name)
             if dfa.start >= 0 and dfa.accepting[dfa.start]:
                 raise SpecError(f"terminal {t.name} matches the empty string (pattern /{t.pattern}/)")
             self.dfas.append(dfa)

@@ -19,6 +19,9 @@ tokens. With `min_tokens > 1` a token is allowed only if some occurrence of the 
 
 from __future__ import annotations
 
+import threading
+from collections import OrderedDict
+
 import numpy as np
 import torch
 
@@ -41,6 +44,10 @@ from .fm_kernels import (
 __all__ = ["FMConstraint", "FMIndex", "FMMatcher", "CompiledFM", "fm_constraint"]
 
 MAX_MIN_TOKENS = 255  # room values are capped at 255 (uint8)
+# Masks of occurrence ranges at least this wide are kept in a per-compiled LRU cache: listing thousands of
+# distinct followers costs ~0.3 µs each, and the widest ranges (a span of one common token) recur the most.
+WIDE_RANGE = 256
+MASK_CACHE_ENTRIES = 512  # 16 KB each for a 128k vocabulary
 
 
 class FMConstraint(Constraint):
@@ -115,6 +122,9 @@ class CompiledFM(CompiledConstraint):
         self.start_range = index.start_range(start)
         self.start_words = np.zeros_like(self.allowed)
         self.fill_words(self.start_range, 0, self.start_words)
+        self.wide_range = WIDE_RANGE
+        self._mask_cache: OrderedDict[tuple[int, int, int], np.ndarray] = OrderedDict()
+        self._mask_cache_lock = threading.Lock()
 
     def _room_tables(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Per-range room for spans that must still grow to `min_tokens` (dummies when min_tokens == 1)."""
@@ -134,6 +144,29 @@ class CompiledFM(CompiledConstraint):
 
     def matcher(self) -> FMMatcher:
         return FMMatcher(self)
+
+    def write_words(self, span_range: tuple[int, int], depth: int, out: np.ndarray) -> None:
+        """Overwrite `out` (uint32 words) with the tokens allowed after a span of `depth` tokens (no EOS);
+        wide ranges go through the mask cache."""
+        lo, hi = span_range
+        if hi - lo < self.wide_range:
+            out[:] = 0
+            self.fill_words(span_range, depth, out)
+            return
+        # The mask depends on the range and, through the room check, on how many tokens are still needed.
+        key = (lo, hi, depth if self.sparse else max(0, self.min_tokens - depth - 1))
+        with self._mask_cache_lock:
+            words = self._mask_cache.get(key)
+            if words is not None:
+                self._mask_cache.move_to_end(key)
+        if words is None:
+            words = np.zeros_like(self.allowed)
+            self.fill_words(span_range, depth, words)
+            with self._mask_cache_lock:
+                self._mask_cache[key] = words
+                while len(self._mask_cache) > MASK_CACHE_ENTRIES:
+                    self._mask_cache.popitem(last=False)
+        out[:] = words
 
     def fill_words(self, span_range: tuple[int, int], depth: int, out: np.ndarray) -> None:
         """OR into `out` (uint32 words) the tokens allowed after a span of `depth` tokens with this range."""
@@ -200,8 +233,7 @@ class FMMatcher(Matcher):
         elif not self._tokens:
             words[:] = self.compiled.start_words
         else:
-            words[:] = 0
-            self.compiled.fill_words(self._ranges[-1], len(self._tokens), words)
+            self.compiled.write_words(self._ranges[-1], len(self._tokens), words)
         if self._eos or self.is_accepting():
             for word, bit in self.compiled.eos_bits:
                 words[word] |= bit

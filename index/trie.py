@@ -89,28 +89,14 @@ def set_token_bits(words: np.ndarray, tokens: np.ndarray) -> None:
 
 
 @numba.njit(nogil=True, cache=True)
-def _fill_node(
-    mask,
-    row,
-    node,
-    label_start,
-    labels,
-    child_start,
-    terminal,
-    eos,
-    forbidden,
-    wide_nodes,
-    wide_rows,
-    allow_eos,
-):
+def _fill_node(mask, row, node, label_start, labels, child_start, terminal, eos, forbidden, allow_eos):
     """Write the tokens allowed at `node` into `mask[row]` (all other bits cleared).
 
-    Nodes listed in `wide_nodes` (sorted; many children, e.g. the root) copy their precomputed row from
-    `wide_rows` instead of setting one bit per child. Returns 1 if a fact ends at `node`, 0 if not, -1 if the
-    arrays are inconsistent (a corrupt index): every index read is bounds-checked, so a damaged file can
-    never make this read or write out of bounds.
+    Returns 1 if a fact ends at `node`, 0 if not, -1 if the arrays are inconsistent (a corrupt index): every
+    index read is bounds-checked, so a damaged file can never make this read or write out of bounds.
     """
     words = mask[row]
+    words[:] = 0
     n_nodes = child_start.shape[0] - 1
     n_labels = labels.shape[0]
     n_bits = words.shape[0] * 32
@@ -126,26 +112,20 @@ def _fill_node(
         t = labels[ls + k]
         if t < 0 or t >= n_bits or forbidden[t >> 5] & _BITS[t & 31]:
             return -1
-        words[:] = 0
         words[t >> 5] |= _BITS[t & 31]
         return 0
     cs = child_start[c]
     ce = child_start[c + 1]
     if cs > ce or ce > n_nodes or (ce > cs and cs <= c):
         return -1
-    j = np.searchsorted(wide_nodes, c)
-    if j < wide_nodes.shape[0] and wide_nodes[j] == c:
-        words[:] = wide_rows[j]
-    else:
-        words[:] = 0
-        for ch in range(cs, ce):
-            p = label_start[ch]
-            if p < 0 or p >= n_labels:
-                return -1
-            t = labels[p]
-            if t < 0 or t >= n_bits or forbidden[t >> 5] & _BITS[t & 31]:
-                return -1
-            words[t >> 5] |= _BITS[t & 31]
+    for ch in range(cs, ce):
+        p = label_start[ch]
+        if p < 0 or p >= n_labels:
+            return -1
+        t = labels[p]
+        if t < 0 or t >= n_bits or forbidden[t >> 5] & _BITS[t & 31]:
+            return -1
+        words[t >> 5] |= _BITS[t & 31]
     if terminal[c]:
         if allow_eos:
             for i in range(eos.shape[0]):
@@ -817,17 +797,6 @@ class TokenBatch:
         return self.offsets.shape[0] - 1
 
 
-def _batches(sequences: Iterable[Sequence[int]], chunk_facts: int) -> Iterator[TokenBatch]:
-    chunk: list[Sequence[int]] = []
-    for seq in sequences:
-        chunk.append(seq)
-        if len(chunk) >= chunk_facts:
-            yield TokenBatch.from_sequences(chunk)
-            chunk = []
-    if chunk:
-        yield TokenBatch.from_sequences(chunk)
-
-
 def _check_batch(batch: TokenBatch, first_fact: int, vocab: Vocabulary | None) -> np.ndarray:
     """Validate one batch (non-empty sequences, ids in range, no special ids); return its tokens as int32."""
     lengths = np.diff(batch.offsets)
@@ -925,6 +894,8 @@ def build_trie(
         items = iter(sequences)
         with show.bar("reading facts", None, "fact") as bar:
             for batch in _as_batches(items, chunk_facts):
+                if len(batch) == 0:
+                    continue
                 tokens = _check_batch(batch, n_input, vocab)
                 offsets = batch.offsets.astype(np.int64, copy=False)
                 if pending_offsets:  # shift to continue the pending chunk's offsets
@@ -1100,17 +1071,18 @@ class CompiledTrie(CompiledConstraint):
                 f"ids of {vocab.name or 'the vocabulary'} ({vocab.n_tokens} tokens): {shown}"
             )
         self.fast = store.arrays if isinstance(store, TrieIndex) else None
+        self.wide: dict[int, tuple[np.ndarray, bool]] = {}
         if self.fast is not None:
             a = self.fast
-            self.wide_nodes, self.wide_rows = self._wide_rows()
             # The kernels' array arguments, gathered once: attribute lookups cost on the hot path.
-            self.fill_args = (a.label_start, a.labels, a.child_start, a.terminal, self.eos, self.forbidden,
-                              self.wide_nodes, self.wide_rows)  # fmt: skip
+            self.fill_args = (a.label_start, a.labels, a.child_start, a.terminal, self.eos, self.forbidden)
             self.step_args = (a.label_start, a.labels, a.child_start)
+            self.wide = self._wide_rows()
 
-    def _wide_rows(self) -> tuple[np.ndarray, np.ndarray]:
-        """Precomputed mask rows (EOS excluded) for the nodes with the most children (at least WIDE_FANOUT,
-        at most MAX_WIDE_ROWS of them): copying a row costs one memset, setting 10k bits ~30 us.
+    def _wide_rows(self) -> dict[int, tuple[np.ndarray, bool]]:
+        """Precomputed mask rows (EOS excluded) of the nodes with the most children (at least WIDE_FANOUT,
+        at most MAX_WIDE_ROWS of them), by node id, with their terminal flag: copying a row costs about one
+        memset, while setting 10k scattered bits costs ~30 us.
 
         Scans child_start once (O(nodes), in chunks; ~0.1 s at 20M nodes). Raises `IndexFormatError` if a
         wide node's children are corrupt.
@@ -1125,18 +1097,17 @@ class CompiledTrie(CompiledConstraint):
             found.append(wide + start)
             fanouts.append(fanout[wide])
         nodes, fanout = np.concatenate(found), np.concatenate(fanouts)
-        nodes = np.sort(nodes[np.argsort(-fanout, kind="stable")[:MAX_WIDE_ROWS]]).astype(np.int64)
-        rows = np.zeros((nodes.shape[0], self.words), dtype=np.int32)
-        none = np.zeros(0, dtype=np.int64)
-        for i, c in enumerate(nodes.tolist()):
-            label_len = int(a.label_start[c + 1]) - int(a.label_start[c])
-            status = _fill_node(rows, i, pack_node(c, label_len), a.label_start, a.labels, a.child_start,
-                                a.terminal, self.eos, self.forbidden, none, rows[:0], False)  # fmt: skip
+        rows: dict[int, tuple[np.ndarray, bool]] = {}
+        for c in nodes[np.argsort(-fanout, kind="stable")[:MAX_WIDE_ROWS]].tolist():
+            node = pack_node(c, int(a.label_start[c + 1]) - int(a.label_start[c]))
+            row = np.zeros((1, self.words), dtype=np.int32)
+            status = _fill_node(row, 0, node, *self.fill_args, False)
             if status < 0:
                 raise IndexFormatError(
                     f"{self.store.path}: corrupt trie near node {c} (run TrieIndex.verify())"
                 )
-        return nodes, rows
+            rows[node] = (row[0], status == 1)
+        return rows
 
     def matcher(self) -> TrieMatcher:
         return TrieMatcher(self)
@@ -1186,7 +1157,12 @@ class TrieMatcher(Matcher):
             array[row] = 0
             set_token_bits(array[row], c.eos)
             return
-        if c.fast is not None:
+        wide = c.wide.get(node)
+        if wide is not None:  # a node with many children: copy its precomputed row
+            array[row] = wide[0]
+            if wide[1] and node not in self._done:
+                set_token_bits(array[row], c.eos)
+        elif c.fast is not None:
             status = _fill_node(array, row, node, *c.fill_args, node not in self._done)
             if status < 0:
                 raise IndexFormatError(

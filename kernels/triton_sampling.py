@@ -1,17 +1,17 @@
-"""Fused masked sampling on the GPU with Triton: logits + int32 bitmask -> one token per row (and its logprob).
+"""Fused masked sampling on the GPU with Triton: logits + int32 bitmask -> one token per row (and logprob).
 
 `masked_sample_triton` computes what `torch_sampling.masked_sample_torch` defines (read its docstring for the
 semantics) with the same noise, `E_j = exponential_from_bits(philox4x32(seed, j)[0])`, in the same exponential
-race `argmax_j t_j - log(E_j)` over the kept tokens, so it draws the reference's tokens, not only from the same
-distribution. Two float32 details differ: the unfiltered race scores `x_j / T - log(E_j)` (the reference's
+race `argmax_j t_j - log(E_j)` over the kept tokens, so it draws the reference's tokens, not only from the
+same distribution. Two float32 details differ: the unfiltered race scores `x_j / T - log(E_j)` (the reference's
 `(x_j - max x) / T - log(E_j)` up to rounding: one pass needs no row maximum first), and exp/log come from
 other implementations than torch's; either can flip a token only where two race scores lie within ~1e-5.
 The filters work on the reference's exact `t_j = (x_j - max x) / T` (IEEE division).
 
 Kernels, in launch order (N output rows; each row's vocabulary cut into S slices of whole tiles):
 
-A. `_pass_kernel`, grid (N, S): the only full read of the logits and bitmask. Per slice: masked maximum and its
-   lowest argmax (greedy), count of allowed finite logits, logsumexp pieces (logprobs), tempered mass and the
+A. `_pass_kernel`, grid (N, S): the only full read of the logits and bitmask. Per slice: masked maximum and
+   its lowest argmax (greedy), count of allowed finite logits, logsumexp pieces (logprobs), tempered mass and the
    best 32-token groups (filters), and the unfiltered race. The race is the expensive part (a Philox-4x32-10
    word per token); logarithms are taken only in tiles where a cheap bound says a token can still win.
 B. `_finish_kernel`, grid (N,): reduces the slices to the row's token and logprob. With filters it gathers the
@@ -37,7 +37,13 @@ from torch import Tensor
 
 from .torch_sampling import row_seeds
 
-__all__ = ["SamplingConfig", "apply_bitmask_triton_", "masked_sample_triton"]
+__all__ = [
+    "SamplingConfig",
+    "apply_bitmask_triton_",
+    "masked_sample_triton",
+    "sample_with_flags",
+    "with_config",
+]
 
 _NEG_INF = float("-inf")
 _INT32_MAX = 2147483647
@@ -132,7 +138,7 @@ def _log_exponential_of_bits(bits):
 
 @triton.jit
 def _row_of(idx_ptr, row, B, V, W, HAS_IDX: tl.constexpr):
-    """(logits row as int64, V, W) for output row `row`; (0, 0, 0) if its index is out of range (reads nothing)."""
+    """(logits row as int64, V, W) for output row `row`; (0, 0, 0) for an out-of-range index (reads nothing)."""
     if HAS_IDX:
         lrow = tl.load(idx_ptr + row).to(tl.int64)
     else:
@@ -427,8 +433,8 @@ def _finish_kernel(
             best2 = tl.max(tl.max(score2, axis=1), axis=0)
             tok_c = tl.min(tl.min(tl.where(score2 == best2, tok2, 2147483647), axis=1), axis=0)
 
-            # Otherwise: if the unfiltered winner provably survives the filters it is the answer (the race over
-            # a subset that contains the overall winner has the same winner); if not, the row is flagged.
+            # Otherwise: if the unfiltered winner provably survives the filters it is the answer (the race
+            # over a subset that contains the overall winner has the same winner); if not, the row is flagged.
             x_w = tl.load(lrow_ptr + tok).to(tl.float32)
             t_w = tl.math.div_rn(x_w - M, T)
             e_w = tl.exp(t_w)
@@ -461,7 +467,7 @@ def _count_at(lrow_ptr, mrow_ptr, V, W, M, T, pivots, NT, TILE: tl.constexpr):
 
 @triton.jit
 def _mass_at(lrow_ptr, mrow_ptr, V, W, M, T, t_floor, pivots, NT, TILE: tl.constexpr):
-    """For each pivot (float32 bits): sum of e = exp(t) over allowed tokens with t >= t_floor and e >= pivot."""
+    """For each pivot (float32 bits): sum of e = exp(t) over allowed tokens with t >= t_floor, e >= pivot."""
     z = tl.zeros(pivots.shape, tl.float32)
     floor = pivots.to(tl.float32, bitcast=True)
     for tile in range(NT):
@@ -611,7 +617,7 @@ def _next_pow2(n: int) -> int:
 def _row_arg(
     value: float | int | Tensor, dtype: torch.dtype, device: torch.device
 ) -> tuple[Tensor | None, float]:
-    """(per-row tensor or None, scalar) kernel arguments for a parameter given as a scalar or an (N,) tensor."""
+    """(per-row tensor or None, scalar) kernel arguments for a parameter given as a scalar or (N,) tensor."""
     if isinstance(value, Tensor):
         return value.to(device=device, dtype=dtype).contiguous(), 0
     return None, float(value) if dtype.is_floating_point else int(value)
@@ -642,7 +648,7 @@ def masked_sample_triton(
     return_logprobs: bool = False,
     config: SamplingConfig | None = None,
 ) -> Tensor | tuple[Tensor, Tensor]:
-    """Fused masked sampling: the semantics of `torch_sampling.masked_sample_torch`, token for token.
+    """Fused masked sampling with the semantics of `torch_sampling.masked_sample_torch` (same tokens).
 
     logits: `(B, V)` float32/bfloat16/float16 on a CUDA device (any device under TRITON_INTERPRET=1).
     bitmask: int32 `(N, ceil(V/32))`, same device. indices: None (N == B) or `(N,)` integers in [0, B).
@@ -650,7 +656,44 @@ def masked_sample_triton(
     `row_seeds` from `generator` (torch's default CPU generator when None), as the reference does.
     Returns int64 tokens `(N,)` (-1 for a row with no allowed finite logit) and, with `return_logprobs`,
     float32 `log_softmax(masked logits)[token]` (-inf for an empty row). Inputs are assumed valid
-    (`constrain.sampling` checks them); nothing is modified. `config` tunes the launch, never the result.
+    (`constrain.sampling` checks them and raises); nothing is modified. `config` tunes the launch only.
+    Launches 2 kernels (3 with filters), no host synchronisation: CUDA-graph capturable when `seeds` is given.
+    """
+    tokens, logprobs, _ = sample_with_flags(
+        logits,
+        bitmask,
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
+        min_p=min_p,
+        generator=generator,
+        seeds=seeds,
+        indices=indices,
+        return_logprobs=return_logprobs,
+        config=config,
+    )
+    return (tokens, logprobs) if return_logprobs else tokens
+
+
+@torch.no_grad()
+def sample_with_flags(
+    logits: Tensor,
+    bitmask: Tensor,
+    *,
+    temperature: float | Tensor = 1.0,
+    top_k: int | Tensor = 0,
+    top_p: float | Tensor = 1.0,
+    min_p: float | Tensor = 0.0,
+    generator: torch.Generator | None = None,
+    seeds: Tensor | None = None,
+    indices: Tensor | None = None,
+    return_logprobs: bool = False,
+    config: SamplingConfig | None = None,
+) -> tuple[Tensor, Tensor, Tensor | None]:
+    """`masked_sample_triton`, returning (tokens, logprobs, fallback flags).
+
+    flags: int32 `(N,)`, 1 where the row went through the exact bisection kernel, or None without filters
+    (benchmarks report the fallback rate). logprobs is a 1-element placeholder unless `return_logprobs`.
     """
     config = config or DEFAULT_CONFIG
     device = logits.device
@@ -661,7 +704,7 @@ def masked_sample_triton(
     tokens = torch.empty(n_rows, dtype=torch.int64, device=device)
     logprobs = torch.empty(n_rows if return_logprobs else 1, dtype=torch.float32, device=device)
     if n_rows == 0:
-        return (tokens, logprobs) if return_logprobs else tokens
+        return tokens, logprobs, None
     if logits.stride(1) != 1:
         logits = logits.contiguous()
     bitmask = bitmask.contiguous()
@@ -738,7 +781,7 @@ def masked_sample_triton(
             triton.cdiv(vocab, fb_tile),
             TILE=fb_tile, PIVOTS=16, **param_flags, **opts,
         )  # fmt: skip
-    return (tokens, logprobs) if return_logprobs else tokens
+    return tokens, logprobs, flag if filters else None
 
 
 @torch.no_grad()
@@ -765,8 +808,8 @@ def apply_bitmask_triton_(logits: Tensor, bitmask: Tensor, indices: Tensor | Non
     tile = 1024
     grid = (rows, triton.cdiv(vocab, tile))
     _apply_bitmask_kernel[grid](
-        logits, logits.stride(0), bitmask, idx, vocab, bitmask.shape[1], TILE=tile, HAS_IDX=indices is not None,
-        num_warps=4,
+        logits, logits.stride(0), bitmask, idx, vocab, bitmask.shape[1],
+        TILE=tile, HAS_IDX=indices is not None, num_warps=4,
     )  # fmt: skip
     return logits
 

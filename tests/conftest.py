@@ -12,6 +12,13 @@ os.environ.setdefault("CONSTRAIN_CACHE", str(Path(__file__).resolve().parent.par
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
+# Without CUDA, tests/test_triton_sampling.py runs the fused kernels through Triton's CPU interpreter, which
+# is chosen when triton is first imported: set it here, before any test module can import triton.
+import torch  # noqa: E402
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 REAL_VOCABS = ("smollm2", "llama3", "qwen3", "gpt2", "mistral-sp")
 
 

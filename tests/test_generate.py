@@ -538,6 +538,8 @@ def test_bad_arguments_raise_constraint_errors_that_name_the_problem(tiny, tok, 
         generate(tiny, tok, [[5], [6], [7]], [m, None])
     with pytest.raises(ConstraintError, match="max_new_tokens"):
         generate(tiny, tok, [[5]], max_new_tokens=0)
+    with pytest.raises(ConstraintError, match="max_new_tokens"):
+        generate_stream(tiny, tok, [[5]], max_new_tokens=0)  # raised at the call, before any iteration
     with pytest.raises(ConstraintError, match="temperature"):
         generate(tiny, tok, [[5]], temperature=-1)
     with pytest.raises(ConstraintError, match="top_p"):

@@ -1,0 +1,870 @@
+"""JSON Schema (Draft 2020-12, common older forms) and pydantic models as token constraints.
+
+    from constrain.grammars.json_schema import json_schema
+    c = json_schema({"type": "object", "properties": {"name": {"type": "string"}}, "required": ["name"]})
+    c = json_schema(MyModel)                       # a pydantic BaseModel subclass
+    c.parse(text)                                  # -> MyModel instance (validated)
+
+The schema is lowered to a `GrammarIR` (terminals are regexes, rules a context-free grammar) and matched by
+the grammar engine (`constrain.grammars.cfg`). What is enforced exactly: `type` (and lists of types),
+`enum`/`const`, `properties`/`required`/`additionalProperties` (properties in schema order, extra ones after
+them), `items`/`prefixItems`/`additionalItems`/`minItems`/`maxItems`, `minLength`/`maxLength`, `pattern`,
+`format` (date, time, date-time, email, uuid, ipv4, ipv6, hostname, uri), integer bounds, number bounds with
+integer values, `anyOf`, `oneOf` whose branches are of disjoint types, `allOf` of mergeable schemas, local
+`$ref`/`$defs`/`definitions` (recursion included), boolean schemas.
+
+A validation keyword we cannot enforce exactly raises `UnsupportedError` naming it and its place; with
+`lenient=True` it is skipped instead and listed in `constraint.ignored`. Annotations (`title`,
+`description`, `default`, `examples`, unknown keywords ...) are ignored, as validators ignore them.
+
+Whitespace: "flexible" (default: JSON whitespace after `{ [ , :` and before `} ]`, at most
+`max_whitespace` characters per gap), "compact" (none), or "indented" (a newline and indentation: up to
+`max_whitespace` spaces after each newline).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from typing import Any
+
+from constrain.errors import SpecError, UnsupportedError
+
+from .cfg import GrammarConstraint
+import numpy as np
+
+from .dfa import ByteDFA, minimize
+from .earley import GrammarIR, Rule, Terminal
+from .terminals import pattern_dfa
+
+ANNOTATIONS = {
+    "title", "description", "default", "examples", "example", "$schema", "$id", "id", "$comment", "deprecated",
+    "readOnly", "writeOnly", "contentMediaType", "contentEncoding", "$anchor", "$defs", "definitions",
+    "$vocabulary", "discriminator", "nullable_annotation",
+}  # fmt: skip
+# Validation keywords, by the type they apply to (anything else is an annotation or unknown: ignored).
+HANDLED = {
+    "type", "enum", "const", "properties", "required", "additionalProperties", "items", "prefixItems",
+    "additionalItems", "minItems", "maxItems", "minLength", "maxLength", "pattern", "format", "minimum",
+    "maximum", "exclusiveMinimum", "exclusiveMaximum", "anyOf", "oneOf", "allOf", "$ref",
+}  # fmt: skip
+UNSUPPORTED = {
+    "not", "if", "then", "else", "dependentRequired", "dependentSchemas", "dependencies", "uniqueItems",
+    "contains", "minContains", "maxContains", "multipleOf", "minProperties", "maxProperties",
+    "patternProperties", "propertyNames", "unevaluatedProperties", "unevaluatedItems", "$dynamicRef",
+    "$recursiveRef",
+}  # fmt: skip
+ALL_TYPES = ("object", "array", "string", "number", "integer", "boolean", "null")
+
+# One JSON string character (unescaped or an escape), and its pieces.
+_CHAR = r'(?:[^"\\\x00-\x1f]|\\["\\/bfnrt]|\\u[0-9a-fA-F]{4})'
+_NUMBER = r"-?(?:0|[1-9][0-9]*)(?:\.[0-9]+)?(?:[eE][+-]?[0-9]+)?"
+_INTEGER = r"-?(?:0|[1-9][0-9]*)"
+
+_D2 = r"[0-9]{2}"
+_DATE = r"[0-9]{4}-(?:0[1-9]|1[0-2])-(?:0[1-9]|[12][0-9]|3[01])"
+_TIME = r"(?:[01][0-9]|2[0-3]):[0-5][0-9]:(?:[0-5][0-9]|60)(?:\.[0-9]+)?(?:[zZ]|[+-](?:[01][0-9]|2[0-3]):[0-5][0-9])"
+_OCTET = r"(?:25[0-5]|2[0-4][0-9]|1[0-9]{2}|[1-9]?[0-9])"
+_IPV4 = rf"{_OCTET}(?:\.{_OCTET}){{3}}"
+_H16 = r"[0-9a-fA-F]{1,4}"
+_IPV6 = (
+    rf"(?:(?:{_H16}:){{7}}{_H16}|(?:{_H16}:){{1,7}}:|(?:{_H16}:){{1,6}}:{_H16}|(?:{_H16}:){{1,5}}(?::{_H16}){{1,2}}"
+    rf"|(?:{_H16}:){{1,4}}(?::{_H16}){{1,3}}|(?:{_H16}:){{1,3}}(?::{_H16}){{1,4}}|(?:{_H16}:){{1,2}}(?::{_H16}){{1,5}}"
+    rf"|{_H16}:(?::{_H16}){{1,6}}|:(?:(?::{_H16}){{1,7}}|:)|(?:{_H16}:){{6}}{_IPV4}|::(?:{_H16}:){{0,5}}{_IPV4}"
+    rf"|(?:{_H16}:){{1,5}}:{_IPV4})"
+)
+_LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+FORMATS = {
+    "date": _DATE,
+    "time": _TIME,
+    "date-time": rf"{_DATE}[tT ]{_TIME}",
+    "uuid": r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}",
+    "ipv4": _IPV4,
+    "ipv6": _IPV6,
+    "hostname": rf"{_LABEL}(?:\.{_LABEL})*",
+    "email": r"[A-Za-z0-9.!#$%&'*+/=?^_`{|}~-]+@[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+    r"(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*",
+    "uri": r"[A-Za-z][A-Za-z0-9+.-]*:[^\x00-\x20\"<>\\^`{|}]*",
+}
+
+
+def _char_regex(c: str) -> str:
+    """The JSON spellings of one character inside a string: itself (if allowed bare) or its escapes."""
+    code = ord(c)
+    options = []
+    if c not in '"\\' and code >= 0x20:
+        options.append(re.escape(c))
+    short = {'"': '\\\\"', "\\": "\\\\\\\\", "/": "\\\\/", "\b": "\\\\b", "\f": "\\\\f", "\n": "\\\\n",
+             "\r": "\\\\r", "\t": "\\\\t"}  # fmt: skip
+    if c in short:
+        options.append(short[c])
+    units = [code] if code < 0x10000 else [0xD800 + ((code - 0x10000) >> 10), 0xDC00 + ((code - 0x10000) & 0x3FF)]
+    hexes = ""
+    for u in units:
+        hexes += r"\\u" + "".join(f"[{d}{d.upper()}]" if d.isalpha() else d for d in f"{u:04x}")
+    options.append(hexes)
+    return options[0] if len(options) == 1 else "(?:" + "|".join(options) + ")"
+
+
+def string_literal_regex(value: str) -> str:
+    """A regex for every JSON spelling of the string `value` (quotes included)."""
+    return '"' + "".join(_char_regex(c) for c in value) + '"'
+
+
+def int_range_regex(lo: int | None, hi: int | None) -> str:
+    """A regex of the canonical JSON integers n with lo <= n <= hi (None = unbounded)."""
+    if lo is not None and hi is not None and lo > hi:
+        return r"(?!)"
+    parts = []
+    if hi is None or hi >= 0:  # non-negative part
+        a = max(lo, 0) if lo is not None else 0
+        parts.append(_nonneg_range(a, hi))
+    if lo is None or lo < 0:  # negative part: -n with n in [max(1, -hi), -lo]
+        a = max(1, -hi) if hi is not None else 1
+        b = -lo if lo is not None else None
+        if b is None or a <= b:
+            parts.append("-" + _nonneg_range(a, b))
+    parts = [p for p in parts if p != "(?!)" and p != "-(?!)"]
+    if not parts:
+        return r"(?!)"
+    return "(?:" + "|".join(parts) + ")"
+
+
+def _nonneg_range(a: int, b: int | None) -> str:
+    """Regex for decimal integers a..b (b None = no upper bound), without leading zeros."""
+    if b is None:
+        # a..(10^len(a) - 1) then any longer number
+        n = len(str(a))
+        head = _nonneg_range(a, 10**n - 1)
+        return f"(?:{head}|[1-9][0-9]{{{n},}})"
+    if a > b:
+        return "(?!)"
+    out = []
+    lo = a
+    while lo <= b:
+        # the largest block [lo, hi] with the same length, aligned on a power of ten
+        n = len(str(lo))
+        hi = min(b, 10**n - 1)
+        out.extend(_same_length(str(lo), str(hi)))
+        lo = hi + 1
+    return "(?:" + "|".join(out) + ")"
+
+
+def _same_length(lo: str, hi: str) -> list[str]:
+    """Regexes for the integers lo..hi (equal length strings)."""
+    if lo == hi:
+        return [lo]
+    if len(lo) == 1:
+        return [f"[{lo}-{hi}]"]
+    if lo[0] == hi[0]:
+        return [lo[0] + x for x in _alt(_same_length(lo[1:], hi[1:]))]
+    out = []
+    rest = len(lo) - 1
+    out.extend(lo[0] + x for x in _alt(_same_length(lo[1:], "9" * rest)))
+    if int(hi[0]) - int(lo[0]) > 1:
+        out.append(f"[{int(lo[0]) + 1}-{int(hi[0]) - 1}][0-9]{{{rest}}}")
+    out.extend(hi[0] + x for x in _alt(_same_length("0" * rest, hi[1:])))
+    return out
+
+
+def _alt(parts: list[str]) -> list[str]:
+    return parts if len(parts) == 1 else ["(?:" + "|".join(parts) + ")"]
+
+
+class _Lowering:
+    """Schema -> grammar: one non-terminal per (schema node, type restriction), terminals shared by pattern."""
+
+    def __init__(self, root: Any, *, whitespace: str, max_whitespace: int, lenient: bool):
+        if whitespace not in ("flexible", "compact", "indented"):
+            raise SpecError(f"whitespace must be 'flexible', 'compact' or 'indented', got {whitespace!r}")
+        self.root = root
+        self.lenient = lenient
+        self.ignored: list[str] = []
+        self.terminals: dict[str, str] = {}  # pattern -> name
+        self.dfas: dict[str, ByteDFA] = {}  # prebuilt automata for terminals no regex spells
+        self.rules: list[Rule] = []
+        self.memo: dict[int, str] = {}
+        self.keep: list[Any] = []  # keeps memoised schema objects alive (their ids are keys)
+        n = int(max_whitespace)
+        self.style = "compact" if n <= 0 else whitespace
+        if self.style == "compact":
+            self.ws_after = self.ws_before = ""
+        elif self.style == "flexible":
+            self.ws_after = self.ws_before = rf"[ \t\n\r]{{0,{n}}}"
+        else:
+            self.ws_after = self.ws_before = rf"(?:\n {{0,{n}}})?"
+        self.n_symbols = 0
+
+    # -- helpers ---------------------------------------------------------------------------------------
+    def term(self, pattern: str) -> str:
+        name = self.terminals.get(pattern)
+        if name is None:
+            name = self.terminals[pattern] = f"T{len(self.terminals)}"
+        return name
+
+    def punct(self, ch: str) -> str:
+        """A punctuation terminal with the whitespace allowed around it (see `whitespace`)."""
+        esc = re.escape(ch)
+        before, after = self.ws_before, self.ws_after
+        if ch in "{[":
+            return self.term(esc + after)
+        if ch in "}]":
+            return self.term(before + esc)
+        if self.style == "indented":
+            return self.term(esc + (after if ch == "," else " ?"))
+        return self.term(before + esc + after)
+
+    def fresh(self, hint: str) -> str:
+        self.n_symbols += 1
+        return f"{hint}_{self.n_symbols}"
+
+    def rule(self, lhs: str, *rhs: str) -> None:
+        self.rules.append(Rule(lhs, tuple(rhs)))
+
+    def unsupported(self, keyword: str, where: str, why: str = "") -> None:
+        message = f"JSON schema keyword {keyword!r} at {where or '#'} cannot be enforced exactly{why}"
+        if not self.lenient:
+            raise UnsupportedError(message)
+        self.ignored.append(f"{where or '#'}/{keyword}")
+
+    def resolve(self, ref: str, where: str) -> Any:
+        if not isinstance(ref, str) or not ref.startswith("#"):
+            raise UnsupportedError(f"$ref {ref!r} at {where or '#'}: only local references (#/...) are supported")
+        node = self.root
+        path = ref[1:]
+        if path.startswith("/"):
+            for part in path[1:].split("/"):
+                part = part.replace("~1", "/").replace("~0", "~")
+                try:
+                    node = node[int(part)] if isinstance(node, list) else node[part]
+                except (KeyError, IndexError, ValueError, TypeError) as exc:
+                    raise SpecError(f"$ref {ref!r} at {where or '#'} does not resolve (no {part!r})") from exc
+        elif path:
+            raise UnsupportedError(f"$ref {ref!r} at {where or '#'}: anchors are not supported")
+        return node
+
+    # -- values ----------------------------------------------------------------------------------------
+    def value(self, schema: Any, where: str) -> str:
+        """The non-terminal for the JSON values `schema` accepts (memoised per schema object)."""
+        key = id(schema)
+        hit = self.memo.get(key)
+        if hit is not None:
+            return hit
+        name = self.fresh("v")
+        self.memo[key] = name
+        self.keep.append(schema)
+        for alt in self.alternatives(schema, where):
+            self.rule(name, *alt)
+        return name
+
+    def alternatives(self, schema: Any, where: str) -> list[tuple[str, ...]]:
+        """Right-hand sides for the values `schema` accepts."""
+        if schema is True:
+            schema = {}
+        if schema is False:
+            return []
+        if not isinstance(schema, dict):
+            raise SpecError(f"schema at {where or '#'} must be an object or a boolean, got {type(schema).__name__}")
+        for k in schema:
+            if k in UNSUPPORTED:
+                self.unsupported(k, where)
+        if "$ref" in schema:
+            target = self.resolve(schema["$ref"], where)
+            rest = {k: v for k, v in schema.items() if k not in ("$ref",) and k in HANDLED}
+            if not rest:
+                return [(self.value(target, schema["$ref"]),)]
+            schema = self.merge([rest, target], where)
+        if "allOf" in schema:
+            subs = schema["allOf"]
+            if not isinstance(subs, list):
+                raise SpecError(f"allOf at {where} must be a list")
+            base = {k: v for k, v in schema.items() if k != "allOf"}
+            schema = self.merge([base, *subs], where + "/allOf")
+        for key in ("anyOf", "oneOf"):
+            if key in schema:
+                subs = schema[key]
+                if not isinstance(subs, list) or not subs:
+                    raise SpecError(f"{key} at {where} must be a non-empty list")
+                base = {k: v for k, v in schema.items() if k != key}
+                if key == "oneOf" and not self.disjoint(subs, where):
+                    self.unsupported("oneOf", where, " (branches may overlap; only disjoint types are exact)")
+                out = []
+                for i, sub in enumerate(subs):
+                    merged = self.merge([base, sub], f"{where}/{key}/{i}") if base else sub
+                    out.append((self.value(merged, f"{where}/{key}/{i}"),))
+                return out
+        if "const" in schema:
+            return [self.literal(schema["const"], where)] if self.admits(schema, schema["const"]) else []
+        if "enum" in schema:
+            if not isinstance(schema["enum"], list):
+                raise SpecError(f"enum at {where} must be a list")
+            return [self.literal(v, where) for v in schema["enum"] if self.admits(schema, v)]
+        types = schema.get("type", list(ALL_TYPES))
+        if isinstance(types, str):
+            types = [types]
+        for t in types:
+            if t not in ALL_TYPES:
+                raise SpecError(f"unknown type {t!r} at {where or '#'}")
+        if "integer" in types and "number" in types:
+            types = [t for t in types if t != "integer"]
+        out = []
+        for t in types:
+            out.extend(getattr(self, "type_" + t)(schema, where))
+        return out
+
+    def admits(self, schema: dict, value: Any) -> bool:
+        """A const/enum value passes the schema's `type` (other keywords are checked by `jsonschema` later)."""
+        types = schema.get("type")
+        if types is None:
+            return True
+        types = [types] if isinstance(types, str) else types
+        kind = _json_type(value)
+        return kind in types or (kind == "integer" and "number" in types)
+
+    def disjoint(self, subs: list, where: str) -> bool:
+        """True if every branch declares types and no two branches share one (so at most one matches)."""
+        seen: set[str] = set()
+        for sub in subs:
+            if isinstance(sub, dict) and "$ref" in sub and len(sub) == 1:
+                sub = self.resolve(sub["$ref"], where)
+            if not isinstance(sub, dict) or "type" not in sub or any(k in sub for k in ("anyOf", "oneOf", "allOf")):
+                return False
+            types = {sub["type"]} if isinstance(sub["type"], str) else set(sub["type"])
+            if "number" in types:
+                types.add("integer")
+            if types & seen:
+                return False
+            seen |= types
+        return True
+
+    def merge(self, schemas: list, where: str) -> dict:
+        """The conjunction of schemas, when it is a plain merge (no keyword set twice to different values)."""
+        out: dict = {}
+        for s in schemas:
+            if s is True:
+                continue
+            if s is False:
+                return {"enum": []}
+            if not isinstance(s, dict):
+                raise SpecError(f"schema at {where} must be an object or a boolean")
+            while "$ref" in s:
+                target = self.resolve(s["$ref"], where)
+                s = {**{k: v for k, v in s.items() if k != "$ref"}, **(target if isinstance(target, dict) else {})}
+            if "allOf" in s:
+                s = self.merge([{k: v for k, v in s.items() if k != "allOf"}, *s["allOf"]], where)
+            for k, v in s.items():
+                if k in ANNOTATIONS or (k not in HANDLED and k not in UNSUPPORTED):
+                    continue
+                if k not in out:
+                    out[k] = v
+                elif k == "properties":
+                    props = dict(out[k])
+                    for p, ps in v.items():
+                        props[p] = self.merge([props[p], ps], f"{where}/properties/{p}") if p in props else ps
+                    out[k] = props
+                elif k == "required":
+                    out[k] = list(dict.fromkeys([*out[k], *v]))
+                elif k == "type":
+                    a = {out[k]} if isinstance(out[k], str) else set(out[k])
+                    b = {v} if isinstance(v, str) else set(v)
+                    both = a & b
+                    if "number" in a and "integer" in b or "number" in b and "integer" in a:
+                        both.add("integer")
+                    out[k] = sorted(both)
+                elif k in ("minimum", "minLength", "minItems", "exclusiveMinimum"):
+                    out[k] = max(out[k], v)
+                elif k in ("maximum", "maxLength", "maxItems", "exclusiveMaximum"):
+                    out[k] = min(out[k], v)
+                elif out[k] != v:
+                    self.unsupported("allOf", where, f" (both branches set {k!r})")
+        return out
+
+    def literal(self, value: Any, where: str) -> tuple[str, ...]:
+        """The right-hand side for exactly the JSON value `value` (any whitespace/escape spelling)."""
+        if isinstance(value, str):
+            return (self.term(string_literal_regex(value)),)
+        if isinstance(value, bool) or value is None:
+            return (self.term(json.dumps(value)),)
+        if isinstance(value, int):
+            return (self.term(re.escape(str(value)) + r"(?:\.0+)?"),)
+        if isinstance(value, float):
+            if value.is_integer():
+                return (self.term(re.escape(str(int(value))) + r"(?:\.0+)?"),)
+            return (self.term(re.escape(json.dumps(value))),)
+        if isinstance(value, list):
+            if not value:
+                return (self.punct("["), self.punct("]"))
+            rhs: list[str] = [self.punct("[")]
+            for i, v in enumerate(value):
+                if i:
+                    rhs.append(self.punct(","))
+                rhs.extend(self.literal(v, where))
+            rhs.append(self.punct("]"))
+            return tuple(rhs)
+        if isinstance(value, dict):
+            rhs = [self.punct("{")]
+            for i, (k, v) in enumerate(value.items()):
+                if i:
+                    rhs.append(self.punct(","))
+                rhs.extend([self.term(string_literal_regex(k)), self.punct(":"), *self.literal(v, where)])
+            rhs.append(self.punct("}"))
+            return tuple(rhs)
+        raise SpecError(f"const/enum value at {where} is not JSON: {value!r}")
+
+    # -- types -----------------------------------------------------------------------------------------
+    def type_null(self, schema: dict, where: str) -> list[tuple[str, ...]]:
+        return [(self.term("null"),)]
+
+    def type_boolean(self, schema: dict, where: str) -> list[tuple[str, ...]]:
+        return [(self.term("true"),), (self.term("false"),)]
+
+    def bounds(self, schema: dict, where: str) -> tuple[float | None, bool, float | None, bool]:
+        lo, lo_x, hi, hi_x = schema.get("minimum"), False, schema.get("maximum"), False
+        emin, emax = schema.get("exclusiveMinimum"), schema.get("exclusiveMaximum")
+        if isinstance(emin, bool):  # draft 4: a flag on minimum
+            lo_x = emin
+        elif emin is not None and (lo is None or emin >= lo):
+            lo, lo_x = emin, True
+        if isinstance(emax, bool):
+            hi_x = emax
+        elif emax is not None and (hi is None or emax <= hi):
+            hi, hi_x = emax, True
+        for k, v in (("minimum", lo), ("maximum", hi)):
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v)):
+                raise SpecError(f"{k} at {where} must be a finite number, got {v!r}")
+        return lo, lo_x, hi, hi_x
+
+    def type_integer(self, schema: dict, where: str) -> list[tuple[str, ...]]:
+        lo, lo_x, hi, hi_x = self.bounds(schema, where)
+        if lo is None and hi is None:
+            return [(self.term(_INTEGER),)]
+        ilo = None if lo is None else (int(lo) + 1 if lo_x and lo == int(lo) else math.ceil(lo))
+        ihi = None if hi is None else (int(hi) - 1 if hi_x and hi == int(hi) else math.floor(hi))
+        pattern = int_range_regex(ilo, ihi)
+        return [] if pattern == "(?!)" else [(self.term(pattern),)]
+
+    def type_number(self, schema: dict, where: str) -> list[tuple[str, ...]]:
+        """Numbers; with bounds, exact for integer-valued bounds on exponent-free spellings (`-I.F`)."""
+        lo, lo_x, hi, hi_x = self.bounds(schema, where)
+        if lo is None and hi is None:
+            return [(self.term(_NUMBER),)]
+        for v in (lo, hi):
+            if v is not None and v != math.floor(v):
+                self.unsupported("minimum/maximum", where, f" (non-integer bound {v} on a number)")
+                return [(self.term(_NUMBER),)]
+        lo = None if lo is None else int(lo)
+        hi = None if hi is None else int(hi)
+        lo_in = None if lo is None else lo + (1 if lo_x else 0)  # bounds for an exact integer value
+        hi_in = None if hi is None else hi - (1 if hi_x else 0)
+        zero_frac, frac = r"(?:\.0+)?", r"\.[0-9]*[1-9][0-9]*"
+
+        def nonneg(a: int | None, b: int | None) -> str | None:
+            a = 0 if a is None else max(a, 0)
+            return None if b is not None and a > b else _nonneg_range(a, b)
+
+        def neg(x: int | None) -> int | None:
+            return None if x is None else -x
+
+        alts = []
+        # "I" / "I.000": the value I;  "I.F" (F > 0): a value in (I, I+1)
+        if (r := nonneg(lo_in, hi_in)) is not None:
+            alts.append(r + zero_frac)
+        if (r := nonneg(lo, None if hi is None else hi - 1)) is not None:
+            alts.append(r + frac)
+        # "-I" / "-I.000": the value -I;  "-I.F": a value in (-I-1, -I)
+        if (r := nonneg(neg(hi_in), neg(lo_in))) is not None:
+            alts.append("-" + r + zero_frac)
+        if (r := nonneg(neg(hi), None if lo is None else -lo - 1)) is not None:
+            alts.append("-" + r + frac)
+        return [(self.term("(?:" + "|".join(alts) + ")"),)] if alts else []
+
+    def type_string(self, schema: dict, where: str) -> list[tuple[str, ...]]:
+        lo = schema.get("minLength", 0)
+        hi = schema.get("maxLength")
+        for k, v in (("minLength", lo), ("maxLength", hi)):
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 0):
+                raise SpecError(f"{k} at {where} must be a non-negative integer, got {v!r}")
+        count = "*" if not lo and hi is None else f"{{{lo},{'' if hi is None else hi}}}"
+        fmt = schema.get("format")
+        if "pattern" in schema:
+            if fmt in FORMATS:
+                self.unsupported("pattern", where, " (together with format)")
+            if lo or hi is not None:
+                self.unsupported("pattern", where, " (together with minLength/maxLength)")
+            return [(self.term('"' + self.json_pattern(schema["pattern"], where) + '"'),)]
+        if fmt in FORMATS:
+            if lo or hi is not None:
+                self.unsupported("format", where, " (together with minLength/maxLength)")
+            return [(self.term('"' + FORMATS[fmt] + '"'),)]
+        return [(self.term('"' + _CHAR + count + '"'),)]
+
+    def json_pattern(self, pattern: Any, where: str) -> str:
+        """The regex, over JSON string *content*, of strings that contain a match of `pattern` (re.search)."""
+        if not isinstance(pattern, str):
+            raise SpecError(f"pattern at {where} must be a string")
+        try:
+            re.compile(pattern)
+        except re.error as exc:
+            raise SpecError(f"pattern at {where}: {exc.msg}", source=pattern, position=exc.pos) from exc
+        body = pattern
+        head = tail = f"{_CHAR}*"
+        if body.startswith("^"):
+            body, head = body[1:], ""
+        if body.endswith("$") and not body.endswith("\\$"):
+            body, tail = body[:-1], ""
+        return head + "(?:" + _json_escape_regex(body, self, where) + ")" + tail
+
+    def type_array(self, schema: dict, where: str) -> list[tuple[str, ...]]:
+        prefix = schema.get("prefixItems")
+        items = schema.get("items", True)
+        if isinstance(items, list):  # draft 4-2019: items as a list is prefixItems
+            prefix, items = items, schema.get("additionalItems", True)
+        prefix = prefix or []
+        lo = schema.get("minItems", 0)
+        hi = schema.get("maxItems")
+        if isinstance(lo, bool) or not isinstance(lo, int) or (hi is not None and not isinstance(hi, int)):
+            raise SpecError(f"minItems/maxItems at {where} must be integers")
+        elems = [self.value(s, f"{where}/prefixItems/{i}") for i, s in enumerate(prefix)]
+        item = None if items is False else self.value(items, f"{where}/items")
+        lb, rb, comma = self.punct("["), self.punct("]"), self.punct(",")
+        if hi is not None and hi > 2000:
+            hi = None if item is not None else hi
+        # Sequences of n elements: prefix[:n] then items, for n in [lo, hi].
+        max_n = hi if hi is not None else None
+        out: list[tuple[str, ...]] = []
+        if lo == 0 and (max_n is None or max_n >= 0):
+            out.append((lb, rb))
+        # fixed part: first max(lo,1) elements (prefix or item), then an optional tail
+        need = max(lo, 1)
+        seq: list[str] = []
+        for i in range(need):
+            sym = elems[i] if i < len(elems) else item
+            if sym is None or (max_n is not None and i >= max_n):
+                return out
+            if i:
+                seq.append(comma)
+            seq.append(sym)
+        tail = self.array_tail(elems, item, need, max_n, comma)
+        out.append((lb, *seq, *((tail,) if tail else ()), rb))
+        return out
+
+    def array_tail(self, elems: list[str], item: str | None, i: int, max_n: int | None, comma: str) -> str | None:
+        """A non-terminal for the optional elements from index `i` on (None if nothing can follow)."""
+        if max_n is not None and i >= max_n:
+            return None
+        if i >= len(elems):
+            if item is None:
+                return None
+            name = self.fresh("tail")
+            self.rule(name)
+            if max_n is None:  # (, item)*
+                self.rule(name, name, comma, item)
+            else:
+                nxt = self.array_tail(elems, item, i + 1, max_n, comma)
+                self.rule(name, comma, item, *((nxt,) if nxt else ()))
+            return name
+        name = self.fresh("tail")
+        self.rule(name)
+        nxt = self.array_tail(elems, item, i + 1, max_n, comma)
+        self.rule(name, comma, elems[i], *((nxt,) if nxt else ()))
+        return name
+
+    def type_object(self, schema: dict, where: str) -> list[tuple[str, ...]]:
+        props = schema.get("properties", {})
+        if not isinstance(props, dict):
+            raise SpecError(f"properties at {where} must be an object")
+        required = schema.get("required", [])
+        if not isinstance(required, list):
+            raise SpecError(f"required at {where} must be a list")
+        extra = schema.get("additionalProperties", True)
+        missing = [r for r in required if r not in props]
+        if missing and extra is False:
+            return []  # a required property that can never appear
+        names = list(props)
+        lb, rb, comma, colon = self.punct("{"), self.punct("}"), self.punct(","), self.punct(":")
+        # Required properties not declared in `properties` come first among the extras: treat as declared.
+        for r in missing:
+            names.append(r)
+        schemas = {n: props.get(n, extra if extra is not None else True) for n in names}
+        required_set = set(required)
+        extra_pair = None
+        if extra is not False:
+            key = self.other_key(names)
+            extra_pair = self.fresh("extra")
+            self.rule(extra_pair, key, colon, self.value(extra, f"{where}/additionalProperties"))
+        memo: dict[tuple[int, bool], str | None] = {}
+
+        def rest(i: int, emitted: bool) -> str | None:
+            """Non-terminal for properties i.. (None when only the empty string is possible)."""
+            if (i, emitted) in memo:
+                return memo[(i, emitted)]
+            name = self.fresh("props")
+            memo[(i, emitted)] = name
+            if i == len(names):
+                if extra_pair is None:
+                    self.rule(name)
+                else:
+                    loop = self.fresh("extras")
+                    self.rule(loop)
+                    self.rule(loop, loop, comma, extra_pair)
+                    self.rule(name)
+                    self.rule(name, *((comma,) if emitted else ()), extra_pair, loop)
+                return name
+            n = names[i]
+            pair = (self.term(string_literal_regex(n)), colon, self.value(schemas[n], f"{where}/properties/{n}"))
+            nxt = rest(i + 1, True)
+            self.rule(name, *((comma,) if emitted else ()), *pair, nxt)
+            if n not in required_set:
+                self.rule(name, rest(i + 1, emitted))
+            return name
+
+        body = rest(0, False)
+        return [(lb, body, rb)]
+
+    def other_key(self, names: list[str]) -> str:
+        """A terminal for JSON strings that decode to none of `names` (a DFA difference: no regex for it)."""
+        if not names:
+            return self.term('"' + _CHAR + '*"')
+        key = "\x00json-string-except:" + json.dumps(sorted(names))
+        name = self.terminals.get(key)
+        if name is None:
+            name = self.terminals[key] = f"T{len(self.terminals)}"
+            names_dfa = pattern_dfa("|".join(string_literal_regex(n) for n in names), 0, "property names")
+            self.dfas[key] = difference_dfa(pattern_dfa('"' + _CHAR + '*"', 0, "string"), names_dfa)
+        return name
+
+
+def difference_dfa(a: ByteDFA, b: ByteDFA) -> ByteDFA:
+    """The minimal DFA of L(a) minus L(b) (product construction, then minimisation)."""
+    start = (a.start, b.start)
+    ids = {start: 0}
+    pairs = [start]
+    rows = []
+    dead_row = np.full(256, -1, dtype=np.int32)
+    i = 0
+    while i < len(pairs):
+        p, q = pairs[i]
+        ta = a.transitions[p]
+        tb = b.transitions[q] if q >= 0 else dead_row
+        row = np.full(256, -1, dtype=np.int32)
+        for byte in range(256):
+            p2 = int(ta[byte])
+            if p2 < 0:
+                continue
+            key = (p2, int(tb[byte]))
+            j = ids.get(key)
+            if j is None:
+                j = ids[key] = len(pairs)
+                pairs.append(key)
+            row[byte] = j
+        rows.append(row)
+        i += 1
+    accepting = np.asarray([bool(a.accepting[p]) and not (q >= 0 and b.accepting[q]) for p, q in pairs])
+    return minimize(np.stack(rows), accepting, 0, np.arange(256))
+
+
+def _json_type(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "boolean"
+    if isinstance(value, int) or (isinstance(value, float) and value.is_integer()):
+        return "integer"
+    if isinstance(value, float):
+        return "number"
+    if isinstance(value, str):
+        return "string"
+    if isinstance(value, list):
+        return "array"
+    return "object"
+
+
+def _json_escape_regex(pattern: str, low: _Lowering, where: str) -> str:
+    """Rewrite a regex over decoded characters into one over JSON string content (escapes spelled out)."""
+    import re._constants as C  # noqa: N812
+    import re._parser as sre_parse
+
+    from .terminals import _CATEGORY, _complement, _merge
+
+    tree = sre_parse.parse(pattern)
+
+    def cls_ranges(items: list) -> list[tuple[int, int]]:
+        ranges: list[tuple[int, int]] = []
+        negate = False
+        for op, av in items:
+            if op is C.NEGATE:
+                negate = True
+            elif op is C.LITERAL:
+                ranges.append((av, av))
+            elif op is C.RANGE:
+                ranges.append(av)
+            elif op is C.CATEGORY:
+                from .terminals import _category_ranges
+
+                esc, neg = _CATEGORY[av]
+                base = list(_category_ranges(esc))
+                ranges.extend(_complement(base) if neg else base)
+        ranges = _merge(ranges)
+        return _complement(ranges) if negate else ranges
+
+    def chars(ranges: list[tuple[int, int]]) -> str:
+        """JSON spellings of one character from `ranges` (bare where allowed; escapes for the rest)."""
+        bare = [(max(lo, 0x20), hi) for lo, hi in ranges if hi >= 0x20]
+        bare_ranges = []
+        for lo, hi in bare:
+            for a, b in _split_out(lo, hi, (0x22, 0x5C)):
+                bare_ranges.append((a, b))
+        parts = []
+        if bare_ranges:
+            parts.append("[" + "".join(_cls(a, b) for a, b in bare_ranges) + "]")
+        for c in '"\\/\b\f\n\r\t':
+            if any(lo <= ord(c) <= hi for lo, hi in ranges):
+                parts.append(_char_regex(c).replace("(?:", "(?:", 1))
+        for lo, hi in ranges:  # control characters need escapes
+            for c in range(lo, min(hi, 0x1F) + 1):
+                if chr(c) not in "\b\f\n\r\t":
+                    parts.append(_char_regex(chr(c)))
+        return "(?:" + "|".join(parts) + ")" if parts else "(?!)"
+
+    def emit(items: list) -> str:
+        out = []
+        for op, av in items:
+            if op is C.LITERAL:
+                out.append(chars([(av, av)]))
+            elif op is C.NOT_LITERAL:
+                out.append(chars(_complement([(av, av)])))
+            elif op is C.ANY:
+                out.append(chars(_complement([(10, 10)])))
+            elif op is C.IN:
+                out.append(chars(cls_ranges(av)))
+            elif op is C.BRANCH:
+                out.append("(?:" + "|".join(emit(alt) for alt in av[1]) + ")")
+            elif op is C.SUBPATTERN:
+                if av[1] or av[2]:
+                    low.unsupported("pattern", where, " (inline flags)")
+                out.append("(?:" + emit(av[3]) + ")")
+            elif op in (C.MAX_REPEAT, C.MIN_REPEAT):
+                lo, hi, body = av
+                hi_s = "" if hi is C.MAXREPEAT else str(hi)
+                out.append("(?:" + emit(body) + f"){{{lo},{hi_s}}}")
+            else:
+                low.unsupported("pattern", where, f" ({op} in the regex)")
+                out.append("")
+        return "".join(out)
+
+    return emit(list(tree))
+
+
+def _split_out(lo: int, hi: int, points: tuple[int, ...]) -> list[tuple[int, int]]:
+    out = [(lo, hi)]
+    for p in points:
+        nxt = []
+        for a, b in out:
+            if a <= p <= b:
+                if a < p:
+                    nxt.append((a, p - 1))
+                if p < b:
+                    nxt.append((p + 1, b))
+            else:
+                nxt.append((a, b))
+        out = nxt
+    return out
+
+
+def _cls(a: int, b: int) -> str:
+    def esc(c: int) -> str:
+        return "\\" + chr(c) if chr(c) in "\\]^-[" else chr(c)
+
+    return esc(a) if a == b else f"{esc(a)}-{esc(b)}"
+
+
+class JsonSchemaConstraint(GrammarConstraint):
+    """A JSON schema (or pydantic model) as a grammar constraint.
+
+    Attributes:
+        schema: the JSON schema (a dict or bool).
+        model: the pydantic model class, if built from one.
+        ignored: `where/keyword` of each keyword skipped under `lenient=True`.
+    """
+
+    def __init__(self, ir: GrammarIR, schema: Any, model: Any, ignored: list[str], label: str):
+        super().__init__(ir, label=label)
+        self.schema = schema
+        self.model = model
+        self.ignored = ignored
+
+    def parse(self, text: str) -> Any:
+        """Parse generated `text`: a validated pydantic model instance (if built from a model), else the JSON
+        value. Raises `ConstraintError` if the text is not valid JSON for the schema."""
+        from constrain.errors import ConstraintError
+
+        try:
+            if self.model is not None:
+                return self.model.model_validate_json(text)
+            value = json.loads(text)
+        except Exception as exc:  # noqa: BLE001 - pydantic's and json's errors, reported as ours
+            raise ConstraintError(f"generated text does not validate: {exc}") from exc
+        try:
+            import jsonschema
+        except ImportError:  # pragma: no cover - jsonschema is a test dependency
+            return value
+        errors = list(jsonschema.validators.validator_for(self.schema)(self.schema).iter_errors(value))
+        if errors:
+            raise ConstraintError(f"generated text does not validate: {errors[0].message}")
+        return value
+
+
+def json_schema(
+    schema: Any,
+    *,
+    whitespace: str = "flexible",
+    max_whitespace: int = 20,
+    lenient: bool = False,
+) -> JsonSchemaConstraint:
+    """A token constraint for JSON values valid under `schema`.
+
+    Args:
+        schema: a JSON schema (dict, bool, or JSON text) or a pydantic `BaseModel` subclass.
+        whitespace: "flexible" (default), "compact" or "indented" (see the module docstring).
+        max_whitespace: the most whitespace characters per gap (flexible) or spaces per line (indented).
+        lenient: skip keywords we cannot enforce (listed in `.ignored`) instead of raising.
+
+    Raises:
+        UnsupportedError: a validation keyword that cannot be enforced exactly (message names it and where).
+        SpecError: a malformed schema (bad `$ref`, wrong keyword types, a schema that admits no value).
+        CompileLimitError: the grammar's automata would be too large (e.g. maxLength in the tens of thousands).
+    """
+    model = None
+    if isinstance(schema, type):
+        try:
+            from pydantic import BaseModel
+        except ImportError as exc:  # pragma: no cover
+            raise SpecError("pydantic is not installed") from exc
+        if not issubclass(schema, BaseModel):
+            raise SpecError(f"json_schema() takes a schema or a pydantic BaseModel subclass, got {schema.__name__}")
+        model = schema
+        schema = schema.model_json_schema()
+    elif isinstance(schema, str | bytes):
+        try:
+            schema = json.loads(schema)
+        except json.JSONDecodeError as exc:
+            raise SpecError(f"schema text is not JSON: {exc.msg} at line {exc.lineno} column {exc.colno}") from exc
+    if not isinstance(schema, dict | bool):
+        raise SpecError(f"a JSON schema must be an object or a boolean, got {type(schema).__name__}")
+    low = _Lowering(schema, whitespace=whitespace, max_whitespace=max_whitespace, lenient=lenient)
+    try:
+        top = low.value(schema, "#")
+    except RecursionError as exc:
+        raise SpecError("schema nesting is too deep") from exc
+    ws = low.term(r"[ \t\n\r]{1,%d}" % max(1, max_whitespace)) if whitespace != "compact" else None
+    start_rules = [Rule("start", (top,))]
+    if ws:
+        start_rules = [Rule("start", ("ws0", top, "ws0")), Rule("ws0", ()), Rule("ws0", (ws,))]
+    terminals = tuple(Terminal(name, pattern, dfa=low.dfas.get(pattern)) for pattern, name in low.terminals.items())
+    ir = GrammarIR(terminals=terminals, rules=tuple(start_rules + low.rules), start="start")
+    label = f"json schema{f' ({model.__name__})' if model else ''}"
+    constraint = JsonSchemaConstraint(ir, schema, model, low.ignored, label)
+    _ = constraint.core  # surface grammar errors (e.g. no value admitted) now
+    return constraint
+
