@@ -10,7 +10,7 @@ tokens for up to 32 steps, timing `matcher.fill_bitmask(bitmask, 0)` on a CPU to
 before every step. Step 0 (the empty span) copies the precomputed start mask; step 1 usually has the widest
 range (thousands of occurrences), so it is also reported on its own. Each mode runs twice: with the wide-range
 mask cache off (every mask computed), then on (starting empty, warmed only by the walks themselves).
-`kernel` times `CompiledFM.fill_words` alone (no cache, no bitmask checks, no row zeroing).
+`kernel` times `CompiledFM.fill_words` alone (no cache, no bitmask checks; the kernel writes the whole row).
 
     .venv/bin/python bench/index_fm.py                 # ~100k and ~1M tokens
     .venv/bin/python bench/index_fm.py --sizes 100000 --walks 100
@@ -169,7 +169,39 @@ def main() -> None:
                     f"| {n:,} | {mode} | {cache} | {comp:.0f} | {len(fills)} | {percentiles(fills)} "
                     f"| {percentiles(first)} | {percentiles(kernel)} | {percentiles(accepts)} |"
                 )
+    print(
+        "\nThe widest ranges (spans of one token, cache off): fill_bitmask, best of 20 calls, so scheduler "
+        "preemption does not count:\n"
+    )
+    print("| corpus tokens | start | token | occurrences | allowed next | best fill (µs) |")
+    print("|---|---|---|---|---|---|")
+    bitmask = allocate_bitmask(1, vocab.vocab_size)
+    for n, index, with_sentences, docs, starts in results:
+        for mode in ("any", "sentence"):
+            source = with_sentences if mode == "sentence" else index
+            compiled = compile(fm_constraint(source, start=mode), vocab)
+            compiled.wide_range = n + 2
+            if mode == "any":
+                firsts = np.concatenate([np.asarray(d) for d in docs])
+            else:
+                firsts = np.asarray([d[i] for d, s in zip(docs, starts, strict=True) if d for i in {0, *s}])
+            ids, counts = np.unique(firsts, return_counts=True)
+            for token in ids[np.argsort(-counts, kind="stable")[:5]]:
+                matcher = compiled.matcher()
+                matcher.accept(int(token))
+                best = min(_timed(matcher.fill_bitmask, bitmask, 0) for _ in range(20))
+                lo, hi = matcher.span_range()
+                allowed = len(set(matcher.allowed_tokens().tolist()) - vocab.eos_ids)
+                name = tokenizer.decode([int(token)])
+                print(f"| {n:,} | {mode} | `{name!r}` | {hi - lo:,} | {allowed:,} | {best:.0f} |")
+            compiled.wide_range = WIDE_RANGE
     print(f"\nload average (1 min) at the end: {os.getloadavg()[0]:.2f}")
+
+
+def _timed(fn, *args) -> float:
+    t0 = time.perf_counter()
+    fn(*args)
+    return (time.perf_counter() - t0) * 1e6
 
 
 if __name__ == "__main__":

@@ -176,7 +176,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="constrain",
         description="Constrained decoding for LLMs: regex / grammar / JSON-schema / index constraints as "
-        "token masks.",
+        "token masks. `constrain COMMAND --help` documents each command.",
+        epilog="examples:\n"
+        "  constrain generate --regex '\\d{4}-\\d{2}-\\d{2}' \"When did the Berlin Wall fall?\"\n"
+        "  constrain generate \"Is this review positive? 'Great phone.'\" --choice yes no\n"
+        "  constrain vocab llama3\n"
+        "  constrain demo",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 

@@ -17,6 +17,9 @@ which reads the shared levels from the cache and merges them with the own level 
 forked or patched: Llama, Qwen2, Qwen3 and GPT-2 call `past_key_values.update(...)` and then the attention
 interface, which is all this needs.
 
+`SharedKV(cuda_graph=True)` decodes on fixed-size own buffers written at a device-side position, so a step
+can be captured once in a CUDA graph and replayed (the same step runs eagerly on the CPU).
+
 `PrefixStore` keeps prompt prefixes' KV across requests in a radix tree of token ids with an LRU memory
 bound, so a system prompt is prefilled once per process. See docs/prefix_cache.md for the design.
 """

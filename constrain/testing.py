@@ -13,6 +13,7 @@ keeps those the `jsonschema` validator accepts.
 
 from __future__ import annotations
 
+import datetime
 import json
 import re
 from collections.abc import Callable, Sequence
@@ -161,9 +162,15 @@ def from_schema(schema: dict | bool, *, max_leaves: int = 30) -> st.SearchStrate
             lo = max(0, s.get("minItems", 0) - len(prefix))
             hi = s.get("maxItems")
             hi = None if hi is None else max(lo, hi - len(prefix))
-            tail = st.lists(item, min_size=lo, max_size=min(hi if hi is not None else 4, lo + 4))
+            if s.get("items", True) is False:
+                tail = st.just([]) if lo == 0 else st.nothing()
+            else:
+                tail = st.lists(item, min_size=lo, max_size=min(hi if hi is not None else 4, lo + 4))
             return st.tuples(*prefix, tail).map(lambda x: list(x[:-1]) + list(x[-1]))
         if t == "string":
+            fmt = _FORMATS.get(s.get("format", ""))
+            if fmt is not None:
+                return fmt
             if "pattern" in s:
                 return st.from_regex(s["pattern"])
             return st.text(min_size=s.get("minLength", 0), max_size=s.get("maxLength", s.get("minLength", 0) + 10))
@@ -181,6 +188,16 @@ def from_schema(schema: dict | bool, *, max_leaves: int = 30) -> st.SearchStrate
         return generic
 
     return build(schema, 0).filter(validator.is_valid)
+
+
+_FORMATS = {
+    "date": st.dates().map(lambda d: d.isoformat()),
+    "date-time": st.datetimes(timezones=st.just(datetime.timezone.utc)).map(lambda d: d.isoformat()),
+    "email": st.emails(),
+    "uuid": st.uuids().map(str),
+    "ipv4": st.ip_addresses(v=4).map(str),
+    "ipv6": st.ip_addresses(v=6).map(str),
+}
 
 
 def _ceil(x: float | None) -> int | None:

@@ -29,7 +29,7 @@ import math
 import re
 from typing import Any
 
-from constrain.errors import SpecError, UnsupportedError
+from constrain.errors import ConstraintError, SpecError, UnsupportedError
 
 from .cfg import GrammarConstraint
 import numpy as np
@@ -57,8 +57,12 @@ UNSUPPORTED = {
 }  # fmt: skip
 ALL_TYPES = ("object", "array", "string", "number", "integer", "boolean", "null")
 
-# One JSON string character (unescaped or an escape), and its pieces.
-_CHAR = r'(?:[^"\\\x00-\x1f]|\\["\\/bfnrt]|\\u[0-9a-fA-F]{4})'
+# One JSON string character: unescaped, a short escape, a \uXXXX escape of a non-surrogate, or a surrogate pair
+# (one character once decoded, as maxLength counts it). Lone surrogate escapes are refused.
+_CHAR = (
+    r'(?:[^"\\\x00-\x1f]|\\["\\/bfnrt]|\\u(?:[0-9a-cA-CefEF][0-9a-fA-F]{3}|[dD][0-7][0-9a-fA-F]{2})'
+    r"|\\u[dD][89abAB][0-9a-fA-F]{2}\\u[dD][c-fC-F][0-9a-fA-F]{2})"
+)
 _NUMBER = r"-?(?:0|[1-9][0-9]*)(?:\.[0-9]+)?(?:[eE][+-]?[0-9]+)?"
 _INTEGER = r"-?(?:0|[1-9][0-9]*)"
 
@@ -195,6 +199,7 @@ class _Lowering:
         else:
             self.ws_after = self.ws_before = rf"(?:\n {{0,{n}}})?"
         self.n_symbols = 0
+        self.where = "#"
 
     # -- helpers ---------------------------------------------------------------------------------------
     def term(self, pattern: str) -> str:
@@ -253,9 +258,13 @@ class _Lowering:
             return hit
         name = self.fresh("v")
         self.memo[key] = name
+        self.where = where
         self.keep.append(schema)
-        for alt in self.alternatives(schema, where):
+        alts = self.alternatives(schema, where)
+        for alt in alts:
             self.rule(name, *alt)
+        if not alts:
+            self.rule(name, name)  # no value: an unproductive symbol, pruned by the grammar compiler
         return name
 
     def alternatives(self, schema: Any, where: str) -> list[tuple[str, ...]]:
@@ -303,6 +312,8 @@ class _Lowering:
         types = schema.get("type", list(ALL_TYPES))
         if isinstance(types, str):
             types = [types]
+        if not isinstance(types, list):
+            raise SpecError(f"type at {where or '#'} must be a string or a list, got {types!r}")
         for t in types:
             if t not in ALL_TYPES:
                 raise SpecError(f"unknown type {t!r} at {where or '#'}")
@@ -477,6 +488,13 @@ class _Lowering:
             alts.append("-" + r + zero_frac)
         if (r := nonneg(neg(hi), None if lo is None else -lo - 1)) is not None:
             alts.append("-" + r + frac)
+        # Exponent spellings: only "D.Fe-N" (one non-zero digit before the point, as repr() writes small
+        # floats), whose value lies in (0, 1) or, negated, in (-1, 0); larger exponents are refused (a gap).
+        small = r"[1-9](?:\.[0-9]+)?[eE]-0*[1-9][0-9]*"
+        if (lo is None or lo <= 0) and (hi is None or hi >= 1):
+            alts.append(small)
+        if (lo is None or lo <= -1) and (hi is None or hi >= 0):
+            alts.append("-" + small)
         return [(self.term("(?:" + "|".join(alts) + ")"),)] if alts else []
 
     def type_string(self, schema: dict, where: str) -> list[tuple[str, ...]]:
@@ -512,7 +530,8 @@ class _Lowering:
         if body.startswith("^"):
             body, head = body[1:], ""
         if body.endswith("$") and not body.endswith("\\$"):
-            body, tail = body[:-1], ""
+            # as in Python's re.search (which jsonschema uses), "$" also matches before a final newline
+            body, tail = body[:-1], "(?:" + _char_regex("\n") + ")?"
         return head + "(?:" + _json_escape_regex(body, self, where) + ")" + tail
 
     def type_array(self, schema: dict, where: str) -> list[tuple[str, ...]]:
@@ -857,6 +876,11 @@ def json_schema(
         top = low.value(schema, "#")
     except RecursionError as exc:
         raise SpecError("schema nesting is too deep") from exc
+    except (TypeError, AttributeError, KeyError, ValueError, IndexError) as exc:
+        if isinstance(exc, ConstraintError):
+            raise
+        # a keyword with a value of the wrong JSON type somewhere under the last schema entered
+        raise SpecError(f"malformed schema near {low.where}: {type(exc).__name__}: {exc}") from exc
     ws = low.term(r"[ \t\n\r]{1,%d}" % max(1, max_whitespace)) if whitespace != "compact" else None
     start_rules = [Rule("start", (top,))]
     if ws:

@@ -5,7 +5,7 @@
     constrain index stats kb/ [--verify] [--json]
 
 `register(subparsers)` adds the `index` command to the main CLI's argparse subparsers; each handler returns
-an exit status (0 ok, 1 for a `ConstraintError`, whose message is printed to stderr).
+an exit status (0 ok; 2 for a `ConstraintError`, whose message is printed to stderr, as the main CLI does).
 """
 
 from __future__ import annotations
@@ -85,7 +85,7 @@ def run_build(args: argparse.Namespace) -> int:
         seconds = time.perf_counter() - started
     except ConstraintError as exc:
         print(f"constrain index build: error: {exc}", file=sys.stderr)
-        return 1
+        return 2
     s = index.stats()
     print(
         f"built {s['path']}: {s['facts']:,} facts, {s['nodes']:,} nodes, {s['bytes']:,} bytes "
@@ -102,24 +102,25 @@ def run_stats(args: argparse.Namespace) -> int:
             index.verify()
     except ConstraintError as exc:
         print(f"constrain index stats: error: {exc}", file=sys.stderr)
-        return 1
+        return 2
     s = index.stats()
     if args.json:
         print(json.dumps(s, indent=1, sort_keys=True))
         return 0
     meta = s["meta"]
-    lines = [
-        f"index        {s['path']}",
-        f"facts        {s['facts']:,}",
-        f"nodes        {s['nodes']:,} (path-compressed; {s['label_tokens']:,} label tokens)",
-        f"bytes        {s['bytes']:,} ({s['bytes_per_fact']:.1f} per fact, "
-        f"{s['bytes_vs_int32_tokens']:.2f}x the facts' int32 token ids)",
-        f"depth        max {s['max_depth']} tokens, mean {s['mean_depth']:.1f}",
+    rows = [
+        ("index", s["path"]),
+        ("facts", f"{s['facts']:,}"),
+        ("nodes", f"{s['nodes']:,} (path-compressed; {s['label_tokens']:,} label tokens)"),
+        ("bytes", f"{s['bytes']:,} ({s['bytes_per_fact']:.1f} per fact, "
+                  f"{s['bytes_vs_int32_tokens']:.2f}x the facts' int32 token ids)"),
+        ("depth", f"max {s['max_depth']} tokens, mean {s['mean_depth']:.1f}"),
+    ]  # fmt: skip
+    rows += [
+        (key, str(meta[key])) for key in ("tokenizer", "template", "leading_space", "source") if key in meta
     ]
-    for key in ("tokenizer", "template", "leading_space", "source"):
-        if key in meta:
-            lines.append(f"{key:<12} {meta[key]}")
     if args.verify:
-        lines.append("verify       checksums and structure OK")
+        rows.append(("verify", "checksums and structure OK"))
+    lines = [f"{label:<14}{value}" for label, value in rows]
     print("\n".join(lines))
     return 0

@@ -98,10 +98,10 @@ class CompiledFM(CompiledConstraint):
 
     def __init__(self, index: FMIndex, vocab: Vocabulary, *, start: StartMode, min_tokens: int):
         if index.vocab_size > vocab.vocab_size:
+            name = vocab.name or "a vocabulary"
             raise ConstraintError(
-                f"FM-index built for vocab_size {index.vocab_size} cannot constrain "
-                f"{vocab.name or 'a vocabulary'}"
-                f" of logits width {vocab.vocab_size}"
+                f"FM-index built for vocab_size {index.vocab_size} cannot constrain {name} of logits width "
+                f"{vocab.vocab_size}: its corpus may hold ids the model cannot produce"
             )
         self.index = index
         self.vocab = vocab
@@ -120,9 +120,9 @@ class CompiledFM(CompiledConstraint):
         self.eos_bits = [(int(e) >> 5, np.uint32(1) << np.uint32(int(e) & 31)) for e in vocab.eos_array]
         self._room, self._block_max, self._super_max = self._room_tables()
         self.start_range = index.start_range(start)
-        self.start_words = np.zeros_like(self.allowed)
+        self.start_words = np.empty_like(self.allowed)
         self.fill_words(self.start_range, 0, self.start_words)
-        self.wide_range = WIDE_RANGE
+        self.wide_range = WIDE_RANGE  # ranges this wide use the mask cache (a benchmark/test knob)
         self._mask_cache: OrderedDict[tuple[int, int, int], np.ndarray] = OrderedDict()
         self._mask_cache_lock = threading.Lock()
 
@@ -133,7 +133,7 @@ class CompiledFM(CompiledConstraint):
             return dummy, dummy, dummy
         index = self.index
         if self.sparse:
-            room = room_per_position(index.text, self.symbol_ok)[np.asarray(index.sentence_suffixes)]
+            room = room_per_position(index.text, self.symbol_ok)[index.sentence_suffixes]
         else:
             symbols, row_of = reversed_text_walk(
                 index.wm_words, index.wm_block_rank, index.wm_zeros, index.lf_offset, index.n_rows
@@ -150,7 +150,6 @@ class CompiledFM(CompiledConstraint):
         wide ranges go through the mask cache."""
         lo, hi = span_range
         if hi - lo < self.wide_range:
-            out[:] = 0
             self.fill_words(span_range, depth, out)
             return
         # The mask depends on the range and, through the room check, on how many tokens are still needed.
@@ -160,7 +159,7 @@ class CompiledFM(CompiledConstraint):
             if words is not None:
                 self._mask_cache.move_to_end(key)
         if words is None:
-            words = np.zeros_like(self.allowed)
+            words = np.empty_like(self.allowed)
             self.fill_words(span_range, depth, words)
             with self._mask_cache_lock:
                 self._mask_cache[key] = words
@@ -169,7 +168,7 @@ class CompiledFM(CompiledConstraint):
         out[:] = words
 
     def fill_words(self, span_range: tuple[int, int], depth: int, out: np.ndarray) -> None:
-        """OR into `out` (uint32 words) the tokens allowed after a span of `depth` tokens with this range."""
+        """Overwrite `out` (uint32 words) with the tokens allowed after this range at `depth` (uncached)."""
         lo, hi = span_range
         index = self.index
         if self.sparse:

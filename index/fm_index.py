@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import operator
 import zlib
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -124,6 +125,9 @@ class FMIndex:
         doc_starts[0] = 1
         np.cumsum(lengths + 1, out=doc_starts[1:])
         doc_starts[1:] += 1  # the last entry is len(T)
+        positions = (
+            None if sentence_starts is None else _sentence_positions(sentence_starts, docs, doc_starts)
+        )
         forward = np.full(text_length, SEPARATOR, dtype=np.int64)
         for start, doc in zip(doc_starts[:-1], docs, strict=True):
             forward[start : start + len(doc)] = np.searchsorted(tokens, doc) + FIRST_TOKEN_SYMBOL
@@ -151,8 +155,7 @@ class FMIndex:
         }
         digest = hashlib.sha256(f"{FORMAT_VERSION}|{vocab_size}|{sample_rate}|".encode())
         digest.update(tokens.astype("<i8").tobytes() + b"|" + forward.astype("<i8").tobytes())
-        if sentence_starts is not None:
-            positions = _sentence_positions(sentence_starts, docs, doc_starts)
+        if positions is not None:
             text = np.append(forward, SENTINEL)
             forward_sa = suffix_array(text)
             is_start = np.zeros(text.shape[0], dtype=bool)
@@ -372,7 +375,12 @@ def _check_start(start: str) -> None:
 
 
 def _check_pattern(pattern: Sequence[int]) -> list[int]:
-    pattern = [int(t) for t in pattern]
+    try:
+        pattern = [operator.index(t) for t in pattern]
+    except TypeError:
+        raise ConstraintError(
+            f"FM-index pattern must be a sequence of int token ids, got {pattern!r:.80}"
+        ) from None
     if not pattern:
         raise ConstraintError("FM-index pattern is empty: give at least one token id")
     return pattern

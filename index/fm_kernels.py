@@ -261,14 +261,8 @@ def room_at_least(room, block_max, super_max, a, b, need):
 
 
 @_jit
-def _set_token(out, allowed, token):
-    """Set `token`'s bit in `out` if `allowed` has it; returns whether it did."""
-    word = token >> 5
-    bit = np.uint32(1) << np.uint32(token & 31)
-    if allowed[word] & bit:
-        out[word] |= bit
-        return True
-    return False
+def _is_allowed(allowed, token):
+    return (allowed[token >> 5] >> np.uint32(token & 31)) & np.uint32(1)
 
 
 # -- mask filling -----------------------------------------------------------------------------------------
@@ -276,11 +270,12 @@ def _set_token(out, allowed, token):
 def fill_fm(
     words, block_rank, zeros, lf_offset, tokens, sp, ep, allowed, need, room, block_max, super_max, out
 ):
-    """OR into `out` the tokens that follow the span of rows `[sp, ep)` (the distinct BWT symbols there).
+    """Overwrite `out` with the tokens that follow the span of rows `[sp, ep)` (the distinct BWT symbols).
 
     With `need > 0`, a token counts only if some occurrence of the extended span is followed by at least
     `need` more allowed tokens (so the span can still reach `min_tokens`).
     """
+    out[:] = 0
     size = min(ep - sp, lf_offset.shape[0])
     symbols = np.empty(size, dtype=np.int64)
     starts = np.empty(size, dtype=np.int64)
@@ -291,13 +286,13 @@ def fill_fm(
         if symbol < 2:  # sentinel or document separator: never a token
             continue
         token = tokens[symbol - 2]
-        if not allowed[token >> 5] & (np.uint32(1) << np.uint32(token & 31)):
+        if not _is_allowed(allowed, token):
             continue
         if need > 0:
             shift = lf_offset[symbol]
             if not room_at_least(room, block_max, super_max, starts[j] + shift, ends[j] + shift, need):
                 continue
-        _set_token(out, allowed, token)
+        out[token >> 5] |= np.uint32(1) << np.uint32(token & 31)
 
 
 # -- sentence starts: a sparse suffix array over the forward text -------------------------------------------
@@ -323,12 +318,13 @@ def sparse_step(text, starts, lo, hi, depth, symbol):
 
 @_jit
 def fill_sparse(text, starts, tokens, lo, hi, depth, allowed, min_tokens, room, block_max, super_max, out):
-    """OR into `out` the tokens at `depth` of the suffixes `starts[lo:hi]` (a range sharing `depth` tokens).
+    """Overwrite `out` with the tokens at `depth` of the suffixes `starts[lo:hi]` (sharing `depth` tokens).
 
     Runs of equal symbols are skipped by galloping, so k distinct tokens cost O(k log(range)). With
     `min_tokens > depth + 1`, a token counts only if some of its suffixes begins a run of at least
     `min_tokens` allowed tokens (`room` is indexed like `starts`).
     """
+    out[:] = 0
     k = lo
     while k < hi:
         symbol = text[starts[k] + depth]
@@ -341,7 +337,8 @@ def fill_sparse(text, starts, tokens, lo, hi, depth, allowed, min_tokens, room, 
         end = _upper_bound(text, starts, last + 1, min(last + step, hi), depth, symbol)
         if symbol >= 2:
             token = tokens[symbol - 2]
-            if allowed[token >> 5] & (np.uint32(1) << np.uint32(token & 31)):
-                if min_tokens <= depth + 1 or room_at_least(room, block_max, super_max, k, end, min_tokens):
-                    _set_token(out, allowed, token)
+            if _is_allowed(allowed, token) and (
+                min_tokens <= depth + 1 or room_at_least(room, block_max, super_max, k, end, min_tokens)
+            ):
+                out[token >> 5] |= np.uint32(1) << np.uint32(token & 31)
         k = end

@@ -191,6 +191,7 @@ def _pass_kernel(
     ws_s_ptr,
     ws_z_ptr,
     ws_gk_ptr,
+    ws_drop_ptr,
     ws_score_ptr,
     ws_tok_ptr,
     TPS,
@@ -220,6 +221,7 @@ def _pass_kernel(
     run_z = 0.0  # sum exp((x - run_m) / T), the tempered mass, for top-p
     cnt = 0
     keys = tl.full((KG,), -9187343239835811840, tl.int64)
+    run_drop = tl.full((), -9187343239835811840, tl.int64) if FILTER else 0
     best = float("-inf")  # race: best score y - log(E) so far, y = x / T
     best_tok = 2147483647
     for i in range(TPS):
@@ -239,8 +241,16 @@ def _pass_kernel(
         if FILTER:
             part_z = tl.sum(tl.sum(tl.exp((x - safe) * inv_t), axis=1), axis=0)
             run_z = run_z * tl.exp((run_m - safe) * inv_t) + part_z
+            # Keep the slice's best KG group keys, and the best key it dropped (bounds every other token).
             gkey = _group_key(gmax, tile * G + tl.arange(0, G))
-            keys = tl.topk(tl.reshape(tl.join(keys, tl.topk(gkey, KG)), [2 * KG]), KG)
+            top = tl.topk(gkey, KG)
+            both = tl.reshape(tl.join(keys, top), [2 * KG])
+            keys = tl.topk(both, KG)
+            dropped = tl.maximum(
+                tl.max(tl.where(gkey < tl.min(top, axis=0), gkey, -9187343239835811840), axis=0),
+                tl.max(tl.where(both < tl.min(keys, axis=0), both, -9187343239835811840), axis=0),
+            )
+            run_drop = tl.maximum(run_drop, dropped)
         run_m = new_m
 
         # The race, in y = x / T. A token scores y - log(E) <= y + 22.874, so a tile whose best y is below
@@ -256,7 +266,7 @@ def _pass_kernel(
             # xlow <= exp(y - bar) <= exp(group max y - bar); with it clear E >= log 2, so y + 0.3666 >= bar.
             low23 = ((bits & 0x7FFFFFFF) >> 8) | 0x4B000000
             xlow = (low23.to(tl.float32, bitcast=True) - 8388608.0) * 5.960464477539063e-08
-            glim = tl.exp(gmax * inv_t - bar)
+            glim = tl.exp(tl.where(gmax > float("-inf"), gmax * inv_t - bar, float("-inf")))
             maybe = tl.where(upper, xlow <= glim[:, None], y + 0.3666 >= bar) & (x > float("-inf"))
             if tl.max(tl.max(maybe.to(tl.int32), axis=1), axis=0) != 0:
                 score = tl.where(x > float("-inf"), y - _log_exponential_of_bits(bits), float("-inf"))
@@ -277,6 +287,7 @@ def _pass_kernel(
     if FILTER:
         tl.store(ws_z_ptr + at, run_z)
         tl.store(ws_gk_ptr + at * KG + tl.arange(0, KG), keys)
+        tl.store(ws_drop_ptr + at, run_drop)
 
 
 @triton.jit(do_not_specialize=["temp_val", "topk_val", "topp_val", "minp_val"])
@@ -303,6 +314,7 @@ def _finish_kernel(
     ws_s_ptr,
     ws_z_ptr,
     ws_gk_ptr,
+    ws_drop_ptr,
     ws_score_ptr,
     ws_tok_ptr,
     row_f_ptr,
@@ -369,18 +381,18 @@ def _finish_kernel(
             tl.store(row_i_ptr + row * 2 + 0, tok)
             tl.store(row_i_ptr + row * 2 + 1, cnt)
             # The best KG2 groups of the row among those the slices kept. Every token outside them is <= u_x:
-            # it lies in a group a slice dropped (<= that slice's weakest kept key) or one not chosen here.
+            # it lies in a group a slice dropped (<= that slice's best dropped key) or one not chosen here.
             gk = tl.load(
                 ws_gk_ptr + (row * S + s[:, None]) * KG + tl.arange(0, KG)[None, :],
                 mask=live[:, None],
                 other=-9187343239835811840,
             )
-            floor_key = tl.max(tl.min(gk, axis=1), axis=0)
+            drop_key = tl.max(tl.load(ws_drop_ptr + row * S + s, mask=live, other=-9187343239835811840), axis=0)
             flat = tl.reshape(gk, [SP * KG])
             chosen = tl.topk(flat, KG2)
             kth = tl.min(chosen, axis=0)
             rest_key = tl.max(tl.where(flat < kth, flat, -9187343239835811840), axis=0)
-            u_x = _value_of_key(tl.maximum(floor_key, rest_key))
+            u_x = _value_of_key(tl.maximum(drop_key, rest_key))
             u_t = tl.math.div_rn(u_x - M, T)
             u_e = tl.exp(u_t)
 
@@ -734,6 +746,7 @@ def sample_with_flags(
     ws_s = torch.empty(n_rows, slices, **f32) if return_logprobs else ws_m
     ws_z = torch.empty(n_rows, slices, **f32) if filters else ws_m
     ws_gk = torch.empty(n_rows, slices, kg, dtype=torch.int64, device=device) if filters else ws_m
+    ws_drop = torch.empty(n_rows, slices, dtype=torch.int64, device=device) if filters else ws_m
     ws_score = torch.empty(n_rows, slices, **f32)
     ws_tok = torch.empty(n_rows, slices, **i32)
     row_f = torch.empty(n_rows, 3, **f32) if filters else ws_m
@@ -749,7 +762,7 @@ def sample_with_flags(
 
     _pass_kernel[(n_rows, slices)](
         *common, seed, batch, vocab, words, *temp_args,
-        ws_m, ws_arg, ws_cnt, ws_s, ws_z, ws_gk, ws_score, ws_tok,
+        ws_m, ws_arg, ws_cnt, ws_s, ws_z, ws_gk, ws_drop, ws_score, ws_tok,
         tiles_per_slice, slices,
         TILE=tile, KG=kg, LOGPROBS=return_logprobs, FILTER=filters, **flags, **opts,
     )  # fmt: skip
@@ -768,13 +781,13 @@ def sample_with_flags(
     )
     _finish_kernel[(n_rows,)](
         *common, seed, batch, vocab, words, *param_args,
-        ws_m, ws_arg, ws_cnt, ws_s, ws_z, ws_gk, ws_score, ws_tok, row_f, row_i, flag, tokens, logprobs,
+        ws_m, ws_arg, ws_cnt, ws_s, ws_z, ws_gk, ws_drop, ws_score, ws_tok, row_f, row_i, flag, tokens, logprobs,
         slices,
         SP=sp, KG=kg, KG2=kg2, FILTER=filters, FORCE_FALLBACK=config.force_fallback, **param_flags,
         num_warps=8 if filters else 4, enable_fp_fusion=False,
     )  # fmt: skip
     if filters:
-        fb_tile = min(tile, 512)  # PIVOTS x fb_tile values per program
+        fb_tile = min(512, max(64, _next_pow2(vocab)))  # PIVOTS x fb_tile values per program
         _fallback_kernel[(n_rows,)](
             *common, seed, batch, vocab, words, *param_args,
             row_f, row_i, flag, tokens, logprobs,

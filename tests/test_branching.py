@@ -1,11 +1,12 @@
-"""Best-of-N and beam search on the shared-prefix cache against transformers' own `generate` (same tokens, same
-scores), with constraints in every branch, dead-end branches, prefix reuse, and bad input."""
+"""Best-of-N and beam search on the shared-prefix cache against transformers' own `generate` (same tokens,
+same scores), with constraints in every branch, dead-end branches, prefix reuse, and bad input."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 import torch
+from test_kvcache import FAMILIES, VOCAB, tiny_bloom, tiny_model
 
 from constrain.bitmask import row_view
 from constrain.branching import beam_search, generate_n
@@ -13,7 +14,6 @@ from constrain.constraint import Matcher
 from constrain.errors import ConstraintError
 from constrain.kvcache import PrefixStore, SharedPrefixFallbackWarning, SharedPrefixUnsupportedError
 from constrain.vocab import Vocabulary
-from test_kvcache import FAMILIES, VOCAB, tiny_bloom, tiny_model
 
 EOS = 2
 
@@ -93,10 +93,18 @@ def hf_beams(model, prompt, k, max_new_tokens, rule=None, **kwargs):
     extra = {"prefix_allowed_tokens_fn": prefix_fn(rule, len(prompt))} if rule else {}
     with torch.inference_mode():
         out = model.generate(
-            torch.tensor([prompt]), num_beams=k, num_return_sequences=k, max_new_tokens=max_new_tokens,
-            do_sample=False, eos_token_id=EOS, pad_token_id=0, return_dict_in_generate=True, output_scores=True,
-            **extra, **kwargs,
-        )  # fmt: skip
+            torch.tensor([prompt]),
+            num_beams=k,
+            num_return_sequences=k,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            eos_token_id=EOS,
+            pad_token_id=0,
+            return_dict_in_generate=True,
+            output_scores=True,
+            **extra,
+            **kwargs,
+        )
     beams = []
     for seq in out.sequences[:, len(prompt) :].tolist():
         if EOS in seq:
@@ -114,7 +122,7 @@ def evens_then_sevens(h):
     return range(4, VOCAB, 2) if len(h) < 3 else [EOS, 7, 14, 21]
 
 
-# -- exactness against transformers -------------------------------------------------------------------------------
+# -- exactness against transformers --------------------------------------------------------------------------
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("k", [2, 4])
 def test_beam_search_returns_transformers_beams_and_scores(family, k, vocab):
@@ -134,10 +142,20 @@ def test_constrained_beam_search_equals_transformers_prefix_allowed_tokens(early
     model = tiny_model("llama", seed=5)
     prompt = random_prompt(5)
     ours = beam_search(
-        model, None, prompt, RuleMatcher(vocab, evens_then_sevens), num_beams=3, max_new_tokens=10, vocab=vocab,
-        early_stopping=early_stopping, length_penalty=0.7, reuse_prefix=False,
-    )  # fmt: skip
-    tokens, scores = hf_beams(model, prompt, 3, 10, evens_then_sevens, early_stopping=early_stopping, length_penalty=0.7)
+        model,
+        None,
+        prompt,
+        RuleMatcher(vocab, evens_then_sevens),
+        num_beams=3,
+        max_new_tokens=10,
+        vocab=vocab,
+        early_stopping=early_stopping,
+        length_penalty=0.7,
+        reuse_prefix=False,
+    )
+    tokens, scores = hf_beams(
+        model, prompt, 3, 10, evens_then_sevens, early_stopping=early_stopping, length_penalty=0.7
+    )
     assert [b.token_ids for b in ours.beams] == tokens
     assert [b.score for b in ours.beams] == pytest.approx(scores, abs=1e-5)
     assert any(b.finish_reason == "eos" for b in ours.beams)
@@ -150,12 +168,19 @@ def test_greedy_best_of_n_equals_transformers_num_return_sequences(vocab):
     """temperature 0: every branch is transformers' greedy continuation (top_k=1 sampling, N sequences)."""
     model = tiny_model("qwen2", seed=1)
     prompt = random_prompt(1)
-    ours = generate_n(model, None, prompt, n=4, max_new_tokens=10, temperature=0, vocab=vocab, reuse_prefix=False)
+    ours = generate_n(
+        model, None, prompt, n=4, max_new_tokens=10, temperature=0, vocab=vocab, reuse_prefix=False
+    )
     with torch.inference_mode():
         hf = model.generate(
-            torch.tensor([prompt]), do_sample=True, top_k=1, num_return_sequences=4, max_new_tokens=10,
-            eos_token_id=EOS, pad_token_id=0,
-        )  # fmt: skip
+            torch.tensor([prompt]),
+            do_sample=True,
+            top_k=1,
+            num_return_sequences=4,
+            max_new_tokens=10,
+            eos_token_id=EOS,
+            pad_token_id=0,
+        )
     assert [b.token_ids for b in ours.branches] == hf[:, len(prompt) :].tolist()
     assert ours.shared and ours.best.index == 0
 
@@ -174,9 +199,13 @@ def test_each_branch_follows_its_own_constraint_like_a_separate_greedy_run(vocab
     for i, branch in enumerate(ours.branches):
         with torch.inference_mode():
             hf = model.generate(
-                torch.tensor([prompt]), do_sample=False, max_new_tokens=9, eos_token_id=EOS, pad_token_id=0,
+                torch.tensor([prompt]),
+                do_sample=False,
+                max_new_tokens=9,
+                eos_token_id=EOS,
+                pad_token_id=0,
                 prefix_allowed_tokens_fn=prefix_fn(rule(i), len(prompt)),
-            )  # fmt: skip
+            )
         expected = hf[0, len(prompt) :].tolist()
         assert branch.token_ids == expected[: len(branch.token_ids)]
         assert branch.finish_reason == ("eos" if EOS in branch.token_ids else "length")
@@ -188,9 +217,17 @@ def test_sampled_branches_report_the_logprobs_a_full_forward_gives(vocab):
     model = tiny_model("qwen3", seed=3)
     prompt = random_prompt(3, length=20)
     result = generate_n(
-        model, None, prompt, RuleMatcher(vocab, evens_then_sevens), n=6, max_new_tokens=8, temperature=1.0,
-        seed=0, vocab=vocab, reuse_prefix=False,
-    )  # fmt: skip
+        model,
+        None,
+        prompt,
+        RuleMatcher(vocab, evens_then_sevens),
+        n=6,
+        max_new_tokens=8,
+        temperature=1.0,
+        seed=0,
+        vocab=vocab,
+        reuse_prefix=False,
+    )
     assert len({tuple(b.token_ids) for b in result.branches}) > 1  # the branches did diverge
     for branch in result.branches:
         probe = RuleMatcher(vocab, evens_then_sevens)
@@ -221,7 +258,7 @@ def test_seeded_sampling_is_reproducible_and_equal_on_the_copied_path(vocab):
     assert runs[0].memory.used_bytes < runs[1].memory.used_bytes
 
 
-# -- constraints that end branches ---------------------------------------------------------------------------------
+# -- constraints that end branches ---------------------------------------------------------------------------
 def test_a_branch_left_without_allowed_tokens_ends_alone(vocab):
     """Branches whose first token is a multiple of 4 have nothing allowed next: they end with
     `no_allowed_token`, the others run to the length limit."""
@@ -232,9 +269,16 @@ def test_a_branch_left_without_allowed_tokens_ends_alone(vocab):
         return range(4, 40, 2)
 
     result = generate_n(
-        tiny_model("llama"), None, random_prompt(0), RuleMatcher(vocab, rule), n=12, max_new_tokens=5, seed=1,
-        vocab=vocab, reuse_prefix=False,
-    )  # fmt: skip
+        tiny_model("llama"),
+        None,
+        random_prompt(0),
+        RuleMatcher(vocab, rule),
+        n=12,
+        max_new_tokens=5,
+        seed=1,
+        vocab=vocab,
+        reuse_prefix=False,
+    )
     reasons = {b.finish_reason for b in result.branches}
     assert reasons == {"no_allowed_token", "length"}
     for branch in result.branches:
@@ -246,15 +290,21 @@ def test_a_branch_left_without_allowed_tokens_ends_alone(vocab):
 def test_a_finished_constraint_ends_its_branch_without_spending_eos(vocab):
     """When the constraint allows only EOS, the branch ends as `constraint_complete`."""
     result = generate_n(
-        tiny_model("gpt2"), None, random_prompt(6), RuleMatcher(vocab, lambda h: [EOS] if len(h) == 3 else [5, 6]),
-        n=3, max_new_tokens=8, seed=0, vocab=vocab,
-    )  # fmt: skip
+        tiny_model("gpt2"),
+        None,
+        random_prompt(6),
+        RuleMatcher(vocab, lambda h: [EOS] if len(h) == 3 else [5, 6]),
+        n=3,
+        max_new_tokens=8,
+        seed=0,
+        vocab=vocab,
+    )
     assert [len(b.token_ids) for b in result.branches] == [3, 3, 3]
     assert {b.finish_reason for b in result.branches} == {"constraint_complete"}
 
 
 def test_beam_search_drops_dead_beams_and_keeps_searching(vocab):
-    """Beams whose second token is a multiple of 4 die; they are reported in `dropped`, the live beams finish."""
+    """Beams whose second token is a multiple of 4 die and are listed in `dropped`; live beams finish."""
 
     def rule(h):
         if len(h) == 2 and h[1] % 4 == 0:
@@ -262,9 +312,15 @@ def test_beam_search_drops_dead_beams_and_keeps_searching(vocab):
         return range(4, 60, 2) if len(h) < 5 else [EOS]
 
     result = beam_search(
-        tiny_model("qwen2", seed=8), None, random_prompt(8), RuleMatcher(vocab, rule), num_beams=4,
-        max_new_tokens=8, vocab=vocab, reuse_prefix=False,
-    )  # fmt: skip
+        tiny_model("qwen2", seed=8),
+        None,
+        random_prompt(8),
+        RuleMatcher(vocab, rule),
+        num_beams=4,
+        max_new_tokens=8,
+        vocab=vocab,
+        reuse_prefix=False,
+    )
     assert result.dropped and all(b.finish_reason == "no_allowed_token" for b in result.dropped)
     assert all(b.token_ids[1] % 4 == 0 for b in result.dropped)
     assert result.beams and all(b.finish_reason == "eos" and len(b.token_ids) == 6 for b in result.beams)
@@ -275,10 +331,9 @@ def test_sharing_the_beams_common_tokens_changes_nothing(vocab):
     model = tiny_model("llama", seed=6)
     prompt = random_prompt(6)
     kw = dict(num_beams=3, max_new_tokens=12, vocab=vocab, reuse_prefix=False)
-    plain = beam_search(model, None, prompt, RuleMatcher(vocab, lambda h: [10, 12] if len(h) < 4 else range(3, 99)),
-                        share_common_after=None, **kw)  # fmt: skip
-    shared = beam_search(model, None, prompt, RuleMatcher(vocab, lambda h: [10, 12] if len(h) < 4 else range(3, 99)),
-                         share_common_after=1, **kw)  # fmt: skip
+    rule = lambda h: [10, 12] if len(h) < 4 else range(3, 99)  # noqa: E731
+    plain = beam_search(model, None, prompt, RuleMatcher(vocab, rule), share_common_after=None, **kw)
+    shared = beam_search(model, None, prompt, RuleMatcher(vocab, rule), share_common_after=1, **kw)
     assert [b.token_ids for b in shared.beams] == [b.token_ids for b in plain.beams]
     assert [b.score for b in shared.beams] == pytest.approx([b.score for b in plain.beams], abs=1e-5)
 
@@ -294,12 +349,15 @@ def test_fixed_buffer_decoding_gives_the_same_beams_and_branches(vocab):
     assert [b.score for b in fixed.beams] == pytest.approx([b.score for b in plain.beams], abs=1e-5)
     rule = lambda h: [EOS, 20, 40] if len(h) >= 2 else range(4, 90, 2)  # noqa: E731
     kw = dict(n=6, max_new_tokens=8, seed=3, vocab=vocab, reuse_prefix=False)
-    plain, fixed = (generate_n(model, None, prompt, RuleMatcher(vocab, rule), cuda_graph=g, **kw) for g in (0, 1))
+    plain, fixed = (
+        generate_n(model, None, prompt, RuleMatcher(vocab, rule), cuda_graph=graph, **kw)
+        for graph in (False, True)
+    )
     assert [b.token_ids for b in fixed.branches] == [b.token_ids for b in plain.branches]
     assert {b.finish_reason for b in fixed.branches} == {"eos", "length"}
 
 
-# -- prefix reuse, fallback, bad input ---------------------------------------------------------------------------
+# -- prefix reuse, fallback, bad input -----------------------------------------------------------------------
 def test_a_second_request_reuses_the_stored_prompt_prefix(vocab):
     model = tiny_model("qwen3", seed=9)
     store = PrefixStore()
@@ -329,7 +387,10 @@ def test_unsupported_model_falls_back_with_a_warning_and_same_tokens(vocab):
         (lambda m, v: generate_n(m, None, [5, 6], n=0, vocab=v), "n must be"),
         (lambda m, v: generate_n(m, None, [5, 6], n=2.0, vocab=v), "n must be"),
         (lambda m, v: beam_search(m, None, [5, 6], num_beams=0, vocab=v), "num_beams must be"),
-        (lambda m, v: beam_search(m, None, [5, 6], num_beams=2, num_return_sequences=3, vocab=v), "<= num_beams"),
+        (
+            lambda m, v: beam_search(m, None, [5, 6], num_beams=2, num_return_sequences=3, vocab=v),
+            "<= num_beams",
+        ),
         (lambda m, v: generate_n(m, None, [5] * 250, n=2, max_new_tokens=7, vocab=v), "context of 256"),
         (lambda m, v: beam_search(m, None, [5] * 300, num_beams=2, vocab=v), "context of 256"),
         (lambda m, v: generate_n(m, None, [5, 6], n=2, max_new_tokens=0, vocab=v), "max_new_tokens"),
@@ -351,7 +412,7 @@ def test_bad_input_raises_before_any_compute(call, message, vocab):
     assert calls == []
 
 
-# -- the real model -----------------------------------------------------------------------------------------------
+# -- the real model ------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def smollm2():
     from constrain.assets import load_model
@@ -367,14 +428,24 @@ def test_smollm2_beam_search_and_greedy_best_of_n_equal_transformers(smollm2):
     )
     prompt = list(prompt["input_ids"] if hasattr(prompt, "keys") else prompt)
     eos = [tok.eos_token_id]
-    beams = beam_search(model, tok, prompt, num_beams=3, max_new_tokens=10, eos_token_id=eos, reuse_prefix=False)
+    beams = beam_search(
+        model, tok, prompt, num_beams=3, max_new_tokens=10, eos_token_id=eos, reuse_prefix=False
+    )
     with torch.inference_mode():
         hf = model.generate(
-            torch.tensor([prompt]), num_beams=3, num_return_sequences=3, max_new_tokens=10, do_sample=False,
-            eos_token_id=eos, return_dict_in_generate=True, output_scores=True,
-        )  # fmt: skip
+            torch.tensor([prompt]),
+            num_beams=3,
+            num_return_sequences=3,
+            max_new_tokens=10,
+            do_sample=False,
+            eos_token_id=eos,
+            return_dict_in_generate=True,
+            output_scores=True,
+        )
     expected = [s[len(prompt) :].tolist() for s in hf.sequences]
-    assert [b.token_ids for b in beams.beams] == [e[: len(b.token_ids)] for b, e in zip(beams.beams, expected)]
+    assert [b.token_ids for b in beams.beams] == [
+        e[: len(b.token_ids)] for b, e in zip(beams.beams, expected, strict=True)
+    ]
     assert [b.score for b in beams.beams] == pytest.approx(hf.sequences_scores.tolist(), abs=1e-4)
     greedy = generate_n(model, tok, prompt, n=3, max_new_tokens=10, temperature=0, reuse_prefix=False)
     with torch.inference_mode():
@@ -396,7 +467,9 @@ def test_smollm2_regex_constrained_beams_hold_the_constraint_and_match_transform
     compiled = compile(regex(r" (Paris|Lyon|Marseille|Nice)\."), vocab)
     prompt = tok("The largest city in France is")["input_ids"]
     eos = sorted(vocab.eos_ids)
-    ours = beam_search(model, tok, prompt, compiled, num_beams=3, max_new_tokens=8, eos_token_id=eos, reuse_prefix=False)
+    ours = beam_search(
+        model, tok, prompt, compiled, num_beams=3, max_new_tokens=8, eos_token_id=eos, reuse_prefix=False
+    )
 
     def allowed(batch_id, input_ids):
         matcher = compiled.matcher()
@@ -408,10 +481,17 @@ def test_smollm2_regex_constrained_beams_hold_the_constraint_and_match_transform
 
     with torch.inference_mode():
         hf = model.generate(
-            torch.tensor([prompt]), num_beams=3, num_return_sequences=3, max_new_tokens=8, do_sample=False,
-            eos_token_id=eos, prefix_allowed_tokens_fn=allowed, return_dict_in_generate=True, output_scores=True,
+            torch.tensor([prompt]),
+            num_beams=3,
+            num_return_sequences=3,
+            max_new_tokens=8,
+            do_sample=False,
+            eos_token_id=eos,
+            prefix_allowed_tokens_fn=allowed,
+            return_dict_in_generate=True,
+            output_scores=True,
             pad_token_id=eos[0],
-        )  # fmt: skip
+        )
     for beam, seq in zip(ours.beams, hf.sequences[:, len(prompt) :].tolist(), strict=True):
         assert beam.token_ids == seq[: len(beam.token_ids)]
         assert beam.finish_reason == "eos"

@@ -235,7 +235,7 @@ def test_cli_builds_from_a_file_and_reports_stats(tmp_path, capsys):
     assert "2 facts" in capsys.readouterr().out
     assert run_cli("index", "stats", str(out), "--verify") == 0
     text = capsys.readouterr().out
-    assert "facts        2" in text and "smollm2" in text and "checksums and structure OK" in text
+    assert "facts         2" in text and "smollm2" in text and "checksums and structure OK" in text
     assert run_cli("index", "stats", str(out), "--json") == 0
     stats = json.loads(capsys.readouterr().out)
     lengths = [
@@ -273,17 +273,17 @@ def test_cli_builds_a_shipped_source(tmp_path, capsys):
     assert trie_constraint(index).compile(vocab).matcher().accepts(fact)
 
 
-def test_cli_errors_are_reported_with_status_1(tmp_path, capsys):
+def test_cli_errors_are_reported_with_status_2(tmp_path, capsys):
     facts = write(tmp_path, "facts.tsv", "Paris\tis\n")
-    assert run_cli("index", "build", str(facts), "-o", str(tmp_path / "kb"), "--quiet") == 1
+    assert run_cli("index", "build", str(facts), "-o", str(tmp_path / "kb"), "--quiet") == 2
     assert "facts.tsv:1" in capsys.readouterr().err
-    assert run_cli("index", "build", "-o", str(tmp_path / "kb"), "--quiet") == 1
+    assert run_cli("index", "build", "-o", str(tmp_path / "kb"), "--quiet") == 2
     assert "either a facts file or --source" in capsys.readouterr().err
-    assert run_cli("index", "stats", str(tmp_path / "nothing")) == 1
+    assert run_cli("index", "stats", str(tmp_path / "nothing")) == 2
     assert "no index here" in capsys.readouterr().err
     good = write(tmp_path, "good.tsv", "Paris\tis the capital of\tFrance\n")
     assert run_cli("index", "build", str(good), "-o", str(tmp_path / "kb"), "--quiet") == 0
-    assert run_cli("index", "build", str(good), "-o", str(tmp_path / "kb"), "--quiet") == 1
+    assert run_cli("index", "build", str(good), "-o", str(tmp_path / "kb"), "--quiet") == 2
     assert "already exists" in capsys.readouterr().err
     assert run_cli("index", "build", str(good), "-o", str(tmp_path / "kb"), "--quiet", "--force") == 0
     assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".kb")]  # no temporary folders left

@@ -467,6 +467,8 @@ def test_constraint_options_and_queries_are_checked(abc_index):
         fm_constraint([[0, 1]])
     with pytest.raises(ConstraintError, match="pattern is empty"):
         plain.count([])
+    with pytest.raises(ConstraintError, match="sequence of int token ids"):
+        plain.count([0.5])
     with pytest.raises(TokenOutOfRangeError, match="pattern position 1"):
         plain.locate([0, VOCAB_SIZE])
     with pytest.raises(ConstraintError, match="needs an index built with sentence_starts"):

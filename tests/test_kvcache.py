@@ -1,5 +1,5 @@
-"""The shared-prefix KV cache: cascade attention against plain attention, the transformers Cache against a full
-forward (Llama, Qwen2, Qwen3, GPT-2), branch reordering and promotion, the prefix store, and the fallback."""
+"""The shared-prefix KV cache: cascade attention against plain attention, the transformers Cache against a
+full forward (Llama, Qwen2, Qwen3, GPT-2), branch reordering and promotion, the prefix store, the fallback."""
 
 from __future__ import annotations
 
@@ -48,24 +48,42 @@ def tiny_model(family: str, seed: int = 0, vocab_size: int = VOCAB) -> torch.nn.
     """A seeded random model of the family, with weights large enough that its distributions are peaked."""
     import transformers as tf
 
-    common = dict(vocab_size=vocab_size, eos_token_id=2, bos_token_id=1, pad_token_id=0, initializer_range=0.2)
+    common = dict(
+        vocab_size=vocab_size, eos_token_id=2, bos_token_id=1, pad_token_id=0, initializer_range=0.2
+    )
     if family == "llama":
         config = tf.LlamaConfig(
-            hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-            num_key_value_heads=2, max_position_embeddings=256, **common,
-        )  # fmt: skip
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=256,
+            **common,
+        )
         cls = tf.LlamaForCausalLM
     elif family == "qwen2":
         config = tf.Qwen2Config(
-            hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-            num_key_value_heads=2, max_position_embeddings=256, **common,
-        )  # fmt: skip
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=256,
+            **common,
+        )
         cls = tf.Qwen2ForCausalLM
     elif family == "qwen3":
         config = tf.Qwen3Config(
-            hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-            num_key_value_heads=1, head_dim=16, max_position_embeddings=256, **common,
-        )  # fmt: skip
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=1,
+            head_dim=16,
+            max_position_embeddings=256,
+            **common,
+        )
         cls = tf.Qwen3ForCausalLM
     elif family == "gpt2":
         config = tf.GPT2Config(n_embd=64, n_layer=2, n_head=4, n_positions=256, **common)
@@ -82,7 +100,7 @@ def full_logits(model: torch.nn.Module, rows: list[list[int]]) -> torch.Tensor:
         return model(torch.tensor(rows), use_cache=False).logits.float()
 
 
-# -- cascade attention ----------------------------------------------------------------------------------------
+# -- cascade attention ---------------------------------------------------------------------------------------
 @settings(max_examples=40, deadline=None)
 @given(
     branches=st.integers(1, 5),
@@ -150,13 +168,14 @@ def test_fused_kernels_return_the_reference_log_sum_exp():
 
 
 def test_queries_that_see_no_key_get_zeros_and_minus_infinity():
-    out, lse = reference_level_attention(torch.randn(1, 1, 2, 4), torch.empty(1, 1, 0, 4), torch.empty(1, 1, 0, 4), 1)
+    empty = torch.empty(1, 1, 0, 4)
+    out, lse = reference_level_attention(torch.randn(1, 1, 2, 4), empty, empty, 1.0)
     assert torch.equal(out, torch.zeros_like(out)) and torch.isneginf(lse).all()
     merged, total = merge_attention_states([(out, lse), (out, lse)])
     assert torch.equal(merged, torch.zeros_like(merged)) and torch.isneginf(total).all()
 
 
-# -- the cache against a full forward ------------------------------------------------------------------------------
+# -- the cache against a full forward ------------------------------------------------------------------------
 @pytest.mark.parametrize("family", FAMILIES)
 def test_shared_cache_logits_equal_a_full_forward_of_every_branch(family):
     """Prefill once, fork 3 branches, feed each its own tokens: every step's logits equal those of an uncached
@@ -255,9 +274,9 @@ def test_promoting_tokens_every_branch_shares_keeps_logits_exact():
         kv.promote(5)
 
 
-# -- prefix store ------------------------------------------------------------------------------------------------
+# -- prefix store --------------------------------------------------------------------------------------------
 def token_segment(tokens: list[int], start: int) -> KVSegment:
-    """A fake one-layer segment whose positions hold (token, absolute position): checks what a match returns."""
+    """A fake one-layer segment whose positions hold (token, absolute position): what a match returns."""
     data = torch.tensor([[t, start + i] for i, t in enumerate(tokens)], dtype=torch.float32).view(1, 1, -1, 2)
     return KVSegment([data.clone()], [data.clone()])
 
@@ -320,7 +339,9 @@ def test_a_stored_system_prompt_is_not_prefilled_again():
     system = list(range(20, 60))
     first, second = system + [7, 8, 9], system + [11, 12]
     calls: list[int] = []
-    hook = model.register_forward_pre_hook(lambda m, args, kwargs: calls.append(kwargs["input_ids"].shape[1]), with_kwargs=True)
+    hook = model.register_forward_pre_hook(
+        lambda module, args, kwargs: calls.append(kwargs["input_ids"].shape[1]), with_kwargs=True
+    )
     try:
         with torch.inference_mode():
             SharedKV(model, store=store).prefill(first)
@@ -337,7 +358,7 @@ def test_a_stored_system_prompt_is_not_prefilled_again():
     assert again.reused_tokens == len(first) - 1
 
 
-# -- support and fallback ----------------------------------------------------------------------------------------
+# -- support and fallback ------------------------------------------------------------------------------------
 def tiny_bloom() -> torch.nn.Module:
     from transformers import BloomConfig, BloomForCausalLM
 
@@ -362,9 +383,16 @@ def test_sliding_window_models_are_not_shared():
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     config = Qwen2Config(
-        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-        num_key_value_heads=1, use_sliding_window=True, sliding_window=8, max_window_layers=0,
-    )  # fmt: skip
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        use_sliding_window=True,
+        sliding_window=8,
+        max_window_layers=0,
+    )
     reason = shared_prefix_support(Qwen2ForCausalLM(config).eval())
     assert reason is not None and "sliding" in reason
 

@@ -38,15 +38,23 @@ from constrain.kernels.triton_sampling import (  # noqa: E402
 # The interpreter must be chosen before triton's first import, and then it runs every kernel (CUDA ones too):
 # one process tests either the compiled kernels on CUDA or the interpreter on the CPU.
 DEVICES = [
-    pytest.param("cpu", marks=pytest.mark.skipif(CUDA, reason="CUDA present: the compiled kernels are tested")),
+    pytest.param(
+        "cpu", marks=pytest.mark.skipif(CUDA, reason="CUDA present: the compiled kernels are tested")
+    ),
     pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(not CUDA, reason="needs CUDA")]),
 ]
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
-# Small tiles: several tiles and slices per row even for short vocabularies, and a small candidate set.
+# ONE: a whole short row in one tile (the interpreter's cost is per tile) and a small candidate set (2 groups
+# of 32 tokens), so the exact fallback runs on flat rows. SMALL: several tiles and slices per row.
+ONE = with_config(tile=256, groups_per_split=2, gathered_groups=2, num_warps=4)
 SMALL = with_config(tile=64, groups_per_split=2, gathered_groups=2, num_warps=4)
-FALLBACK = with_config(tile=64, groups_per_split=2, gathered_groups=2, num_warps=4, force_fallback=True)
-ROOMY = with_config(tile=128, groups_per_split=4, gathered_groups=4, num_warps=4)  # more candidates
-FEW = settings(max_examples=8 if not CUDA else 40, deadline=None, suppress_health_check=list(HealthCheck))
+FALLBACK = with_config(tile=256, groups_per_split=2, gathered_groups=2, num_warps=4, force_fallback=True)
+pytestmark = pytest.mark.filterwarnings(
+    # The interpreter evaluates both sides of tl.where in numpy: -inf - -inf and log(0) in unselected lanes.
+    "ignore:invalid value encountered:RuntimeWarning",
+    "ignore:divide by zero encountered:RuntimeWarning",
+)
+FEW = settings(max_examples=6 if not CUDA else 40, deadline=None, suppress_health_check=list(HealthCheck))
 ALPHA = 1e-3  # chi-square p-value below which a sampled distribution is rejected
 
 
@@ -105,7 +113,7 @@ def test_greedy_is_the_lowest_id_argmax_over_allowed_tokens_and_logprobs_are_log
     lg, bm = on(device, logits, pack_bits(allowed, padding=rng))
     tokens, logprobs = masked_sample_triton(
         lg, bm, temperature=0.0, seeds=torch.arange(rows), return_logprobs=True, config=SMALL
-    )
+    )  # several tiles and slices: ties across them go to the lowest id
     for i in range(rows):
         x = masked64(logits[i], allowed[i])
         assert tokens[i].item() == int(np.argmax(x))  # numpy's argmax takes the first maximum
@@ -115,12 +123,12 @@ def test_greedy_is_the_lowest_id_argmax_over_allowed_tokens_and_logprobs_are_log
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_sampled_logprobs_are_log_softmax_of_the_masked_logits_at_the_drawn_token(device):
-    logits, allowed, bm = make_case(5, 150, torch.float32, seed=2)
+    logits, allowed, bm = make_case(3, 150, torch.float32, seed=2)
     lg, bm = on(device, logits, bm)
     tokens, logprobs = masked_sample_triton(
-        lg, bm, temperature=0.7, top_p=0.8, seeds=torch.arange(5) + 9, return_logprobs=True, config=SMALL
+        lg, bm, temperature=0.7, top_p=0.8, seeds=torch.arange(3) + 9, return_logprobs=True, config=ONE
     )
-    for i in range(5):
+    for i in range(3):
         x = masked64(logits[i], allowed[i])
         assert allowed[i, tokens[i].item()]
         expected = x[tokens[i].item()] - (x.max() + np.log(np.exp(x - x.max()).sum()))
@@ -142,21 +150,24 @@ PARAMS = st.fixed_dictionaries(
 @pytest.mark.parametrize("device", DEVICES)
 @FEW
 @given(
-    vocab=st.integers(1, 300),
-    rows=st.integers(1, 5),
+    vocab=st.integers(1, 250),
+    rows=st.integers(1, 3),
     dtype=st.sampled_from(DTYPES),
     params=PARAMS,
     density=st.sampled_from([0.02, 0.3, 1.0]),
     seed=st.integers(0, 2**31),
+    several_tiles=st.booleans(),
 )
-def test_tokens_equal_the_reference_tokens_for_the_same_seeds(device, vocab, rows, dtype, params, density, seed):
+def test_tokens_equal_the_reference_tokens_for_the_same_seeds(
+    device, vocab, rows, dtype, params, density, seed, several_tiles
+):
     """Property: for any logits, mask (padding bits set past V), dtype and filters, the kernel draws exactly
     the reference's tokens (same Philox noise), never a disallowed token, and -1 only for an empty row."""
     logits, allowed, bm = make_case(rows, vocab, dtype, seed, density)
     seeds = torch.from_numpy(np.random.default_rng(seed + 1).integers(-(2**62), 2**62, rows))
     expected = masked_sample_torch(logits, bm, seeds=seeds, **params)
     lg, bmd = on(device, logits, bm)
-    got = masked_sample_triton(lg, bmd, seeds=seeds, config=SMALL, **params).cpu()
+    got = masked_sample_triton(lg, bmd, seeds=seeds, config=SMALL if several_tiles else ONE, **params).cpu()
     assert torch.equal(got, expected)
     assert all(allowed[i, t] for i, t in enumerate(got.tolist()))
 
@@ -165,13 +176,13 @@ def test_tokens_equal_the_reference_tokens_for_the_same_seeds(device, vocab, row
 @FEW
 @given(params=PARAMS, seed=st.integers(0, 2**31), scale=st.sampled_from([0.3, 3.0, 12.0]))
 def test_candidate_path_and_exact_fallback_draw_the_same_tokens(device, params, seed, scale):
-    """Property: the fast filter path (gathered candidates), the exact bisection fallback forced for every row,
-    and a configuration with more candidates all return the reference's tokens."""
-    logits, allowed, bm = make_case(4, 256, torch.float32, seed, density=0.7, scale=scale)
-    seeds = torch.arange(4) * 7919 + seed
+    """Property: the fast filter path (gathered candidates) and the exact fallback kernel forced for every
+    row both return the reference's tokens."""
+    logits, allowed, bm = make_case(2, 200, torch.float32, seed, density=0.7, scale=scale)
+    seeds = torch.arange(2) * 7919 + seed
     expected = masked_sample_torch(logits, bm, seeds=seeds, **params)
     lg, bmd = on(device, logits, bm)
-    for config in (SMALL, FALLBACK, ROOMY):
+    for config in (ONE, FALLBACK):
         got = masked_sample_triton(lg, bmd, seeds=seeds, config=config, **params).cpu()
         assert torch.equal(got, expected), config
 
@@ -179,19 +190,21 @@ def test_candidate_path_and_exact_fallback_draw_the_same_tokens(device, params, 
 @pytest.mark.parametrize("device", DEVICES)
 def test_the_fallback_runs_exactly_for_rows_whose_candidates_do_not_settle_the_filters(device):
     # Flat logits and a wide nucleus: 4 gathered groups (64 tokens) cannot hold a top-p 0.99 nucleus of ~250.
-    logits, allowed, bm = make_case(3, 256, torch.float32, seed=5, density=1.0, scale=0.1)
+    # Flat logits and a wide nucleus: 2 gathered groups (64 tokens) cannot hold a top-p 0.99 nucleus of ~250.
+    logits, allowed, bm = make_case(2, 256, torch.float32, seed=5, density=1.0, scale=0.1)
     lg, bmd = on(device, logits, bm)
-    seeds = torch.arange(3)
-    _, _, flags = sample_with_flags(lg, bmd, seeds=seeds, top_p=0.99, config=SMALL)
-    assert flags.tolist() == [1, 1, 1]
-    # A peaked row with top-k 2: the candidates hold the answer, no fallback.
+    seeds = torch.arange(2)
+    tokens, _, flags = sample_with_flags(lg, bmd, seeds=seeds, top_p=0.99, config=SMALL)
+    assert flags.tolist() == [1, 1]
+    assert torch.equal(tokens.cpu(), masked_sample_torch(logits, bm, seeds=seeds, top_p=0.99))
+    # Two tokens far above the rest, top-k 2 (so top-k drops the winner only by chance): the gathered groups
+    # hold both, the thresholds are exact without the fallback, whichever slice kept them.
     peaked = logits.clone()
     peaked[:, 7] = 40.0
     peaked[:, 100] = 39.0
-    _, _, flags = sample_with_flags(peaked.to(device), bmd, seeds=seeds, top_k=2, config=SMALL)
-    assert flags.tolist() == [0, 0, 0]
-    got = masked_sample_triton(lg, bmd, seeds=seeds, top_p=0.99, config=SMALL).cpu()
-    assert torch.equal(got, masked_sample_torch(logits, bm, seeds=seeds, top_p=0.99))
+    tokens, _, flags = sample_with_flags(peaked.to(device), bmd, seeds=seeds, top_k=2, config=SMALL)
+    assert flags.tolist() == [0, 0]
+    assert torch.equal(tokens.cpu(), masked_sample_torch(peaked, bm, seeds=seeds, top_k=2))
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -206,7 +219,9 @@ def test_per_row_parameter_tensors_apply_to_their_own_rows(device):
     seeds = torch.tensor([3, 1, 4, 1])
     expected = masked_sample_torch(logits, bm, seeds=seeds, **params)
     lg, bmd = on(device, logits, bm)
-    got = masked_sample_triton(lg, bmd, seeds=seeds, config=SMALL, **{k: v.to(device) for k, v in params.items()})
+    got = masked_sample_triton(
+        lg, bmd, seeds=seeds, config=ONE, **{k: v.to(device) for k, v in params.items()}
+    )
     assert torch.equal(got.cpu(), expected)
 
 
@@ -221,12 +236,14 @@ def test_sampled_frequencies_match_the_renormalised_masked_softmax(device):
     logits = torch.from_numpy(rng.normal(0.0, 1.0, (1, vocab)).astype(np.float32))
     allowed = np.zeros((1, vocab), dtype=bool)
     allowed[0, [0, 3, 17, 31, 32, 39]] = True  # across a word boundary, up to the last (partial) word
-    draws = 300 if device == "cpu" else 50_000
+    draws = 240 if device == "cpu" else 50_000
     bm = pack_bits(np.repeat(allowed, draws, axis=0))
     config = with_config(tile=64, num_warps=4)  # one tile: the interpreter's cost is per tile
     lg, bmd = on(device, logits, bm)
     idx = torch.zeros(draws, dtype=torch.int64, device=device)
-    tokens = masked_sample_triton(lg, bmd, temperature=0.8, seeds=torch.arange(draws), indices=idx, config=config)
+    tokens = masked_sample_triton(
+        lg, bmd, temperature=0.8, seeds=torch.arange(draws), indices=idx, config=config
+    )
     counts = np.bincount(tokens.cpu().numpy(), minlength=vocab)
     probs = softmax64(masked64(logits[0], allowed[0]) / 0.8)
     assert counts[~allowed[0]].sum() == 0
@@ -253,7 +270,9 @@ def test_filtered_frequencies_match_the_top_k_top_p_distribution_on_cuda():
     probs /= probs.sum()
     bm = pack_bits(np.repeat(allowed, draws, axis=0)).cuda()
     idx = torch.zeros(draws, dtype=torch.int64, device="cuda")
-    tokens = masked_sample_triton(logits.cuda(), bm, top_k=30, top_p=0.8, seeds=torch.arange(draws), indices=idx)
+    tokens = masked_sample_triton(
+        logits.cuda(), bm, top_k=30, top_p=0.8, seeds=torch.arange(draws), indices=idx
+    )
     counts = np.bincount(tokens.cpu().numpy(), minlength=vocab)
     assert counts[probs == 0].sum() == 0
     keep = probs > 0
@@ -276,7 +295,7 @@ def test_empty_rows_give_minus_one_and_minus_inf_logprob(device):
     lg, bmd = on(device, logits, bm)
     for params in (dict(temperature=0.0), dict(), dict(top_k=3, top_p=0.5)):
         tokens, logprobs = masked_sample_triton(
-            lg, bmd, seeds=torch.arange(4), return_logprobs=True, config=SMALL, **params
+            lg, bmd, seeds=torch.arange(4), return_logprobs=True, config=ONE, **params
         )
         assert tokens.tolist() == [-1, 33, -1, -1]
         assert logprobs[[0, 2, 3]].tolist() == [float("-inf")] * 3
@@ -291,7 +310,7 @@ def test_a_single_allowed_token_is_always_drawn(device, params):
     allowed = np.zeros((3, 97), dtype=bool)
     allowed[np.arange(3), only] = True
     lg, bmd = on(device, logits, pack_bits(allowed, padding=np.random.default_rng(0)))
-    tokens = masked_sample_triton(lg, bmd, seeds=torch.arange(3), config=SMALL, **params)
+    tokens = masked_sample_triton(lg, bmd, seeds=torch.arange(3), config=ONE, **params)
     assert tokens.tolist() == only
 
 
@@ -301,9 +320,9 @@ def test_everything_allowed_and_neutral_filters_change_nothing(device):
     allowed = np.ones((4, 160), dtype=bool)
     lg, bmd = on(device, logits, pack_bits(allowed))
     seeds = torch.arange(4) + 100
-    plain = masked_sample_triton(lg, bmd, seeds=seeds, config=SMALL)
+    plain = masked_sample_triton(lg, bmd, seeds=seeds, config=ONE)
     neutral = masked_sample_triton(
-        lg, bmd, seeds=seeds, top_k=0, top_p=1.0, min_p=0.0, config=SMALL, temperature=torch.ones(4).to(device)
+        lg, bmd, seeds=seeds, top_k=0, top_p=1.0, min_p=0.0, config=ONE, temperature=torch.ones(4).to(device)
     )
     assert torch.equal(plain, neutral)
     assert torch.equal(plain.cpu(), masked_sample_torch(logits, pack_bits(allowed), seeds=seeds))
@@ -311,16 +330,16 @@ def test_everything_allowed_and_neutral_filters_change_nothing(device):
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_top_k_one_equals_greedy_when_the_maximum_is_unique(device):
-    logits, allowed, bm = make_case(5, 90, torch.float32, seed=11)
+    logits, allowed, bm = make_case(3, 90, torch.float32, seed=11)
     lg, bmd = on(device, logits, bm)
-    greedy = masked_sample_triton(lg, bmd, temperature=0.0, seeds=torch.arange(5), config=SMALL)
-    top1 = masked_sample_triton(lg, bmd, top_k=1, seeds=torch.arange(5), config=SMALL)
+    greedy = masked_sample_triton(lg, bmd, temperature=0.0, seeds=torch.arange(3), config=ONE)
+    top1 = masked_sample_triton(lg, bmd, top_k=1, seeds=torch.arange(3), config=ONE)
     assert torch.equal(greedy, top1)
 
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_padded_vocabulary_never_draws_a_padding_id(device):
-    """Logits wider than the tokenizer (V = 100, 90 real tokens), padding logits huge, their bits set past V."""
+    """Logits wider than the tokenizer (V = 100, 90 real tokens): padding logits huge, bits set past V."""
     logits, _, _ = make_case(3, 100, torch.float32, seed=12)
     logits[:, 90:] = 50.0
     allowed = np.zeros((3, 100), dtype=bool)
@@ -329,7 +348,7 @@ def test_padded_vocabulary_never_draws_a_padding_id(device):
     bm = pack_bits(allowed, padding=np.random.default_rng(13))
     lg, bmd = on(device, logits, bm)
     for params in (dict(temperature=0.0), dict(), dict(top_k=2)):
-        tokens = masked_sample_triton(lg, bmd, seeds=torch.arange(3), config=SMALL, **params)
+        tokens = masked_sample_triton(lg, bmd, seeds=torch.arange(3), config=ONE, **params)
         assert all(allowed[i, t] for i, t in enumerate(tokens.tolist()))
 
 
@@ -338,15 +357,17 @@ def test_padded_vocabulary_never_draws_a_padding_id(device):
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_same_seed_gives_the_same_token_whatever_the_batch_and_launch_plan(device):
-    logits, allowed, bm = make_case(6, 300, torch.float32, seed=14)
+    logits, allowed, bm = make_case(4, 250, torch.float32, seed=14)
     lg, bmd = on(device, logits, bm)
-    seeds = torch.arange(6) * 31 + 5
-    together = masked_sample_triton(lg, bmd, seeds=seeds, top_p=0.9, config=SMALL)
-    for i in (0, 5):
-        alone = masked_sample_triton(lg[i : i + 1], bmd[i : i + 1], seeds=seeds[i : i + 1], top_p=0.9, config=SMALL)
+    seeds = torch.arange(4) * 31 + 5
+    together = masked_sample_triton(lg, bmd, seeds=seeds, top_p=0.9, config=ONE)
+    for i in (0, 3):
+        alone = masked_sample_triton(
+            lg[i : i + 1], bmd[i : i + 1], seeds=seeds[i : i + 1], top_p=0.9, config=ONE
+        )
         assert alone.item() == together[i].item()
-    # A different cut of the vocabulary into tiles and slices gives the same tokens.
-    for config in (with_config(tile=256, num_warps=4), with_config(tile=64, target_programs=1, num_warps=4)):
+    # Other cuts of the vocabulary into tiles and slices (more slices, or one program per row) agree.
+    for config in (SMALL, with_config(tile=64, target_programs=1, num_warps=4)):
         assert torch.equal(masked_sample_triton(lg, bmd, seeds=seeds, top_p=0.9, config=config), together)
 
 
@@ -354,18 +375,20 @@ def test_same_seed_gives_the_same_token_whatever_the_batch_and_launch_plan(devic
 def test_indices_map_each_output_row_to_its_logits_row(device):
     logits, _, _ = make_case(3, 130, torch.float32, seed=15)
     rng = np.random.default_rng(15)
-    indices = torch.tensor([2, 0, 2, 1, 2])
-    allowed = rng.random((5, 130)) < 0.4
+    indices = torch.tensor([2, 0, 2])
+    allowed = rng.random((3, 130)) < 0.4
     allowed[:, 129] = True
     bm = pack_bits(allowed)
-    seeds = torch.tensor([5, 4, 3, 2, 1])
+    seeds = torch.tensor([5, 4, 3])
     expected = masked_sample_torch(logits, bm, seeds=seeds, indices=indices, top_k=10)
     lg, bmd = on(device, logits, bm)
-    got = masked_sample_triton(lg, bmd, seeds=seeds, indices=indices.to(device), top_k=10, config=SMALL)
+    got = masked_sample_triton(lg, bmd, seeds=seeds, indices=indices.to(device), top_k=10, config=ONE)
     assert torch.equal(got.cpu(), expected)
     # Row by row without indices: branch i is logits row indices[i] under mask row i.
     for i, r in enumerate(indices.tolist()):
-        one = masked_sample_triton(lg[r : r + 1], bmd[i : i + 1], seeds=seeds[i : i + 1], top_k=10, config=SMALL)
+        one = masked_sample_triton(
+            lg[r : r + 1], bmd[i : i + 1], seeds=seeds[i : i + 1], top_k=10, config=ONE
+        )
         assert one.item() == got[i].item()
 
 
@@ -374,7 +397,7 @@ def test_an_out_of_range_index_reads_nothing_and_gives_minus_one(device):
     logits, allowed, bm = make_case(2, 64, torch.float32, seed=16)
     lg, bmd = on(device, logits, bm)
     tokens = masked_sample_triton(
-        lg, bmd, seeds=torch.arange(2), indices=torch.tensor([1, 7]).to(device), config=SMALL
+        lg, bmd, seeds=torch.arange(2), indices=torch.tensor([1, 7]).to(device), config=ONE
     )
     assert tokens[1].item() == -1 and allowed[1, tokens[0].item()]
 
@@ -383,11 +406,13 @@ def test_an_out_of_range_index_reads_nothing_and_gives_minus_one(device):
 def test_a_generator_draws_the_same_seeds_and_tokens_as_the_reference(device):
     logits, _, bm = make_case(3, 80, torch.float32, seed=17)
     lg, bmd = on(device, logits, bm)
-    got = masked_sample_triton(lg, bmd, generator=torch.Generator().manual_seed(42), config=SMALL)
+    got = masked_sample_triton(lg, bmd, generator=torch.Generator().manual_seed(42), config=ONE)
     expected = masked_sample_torch(logits, bm, generator=torch.Generator().manual_seed(42))
     assert torch.equal(got.cpu(), expected)
-    again = masked_sample_triton(lg, bmd, generator=torch.Generator().manual_seed(43), config=SMALL)
-    assert torch.equal(again.cpu(), masked_sample_torch(logits, bm, generator=torch.Generator().manual_seed(43)))
+    again = masked_sample_triton(lg, bmd, generator=torch.Generator().manual_seed(43), config=ONE)
+    assert torch.equal(
+        again.cpu(), masked_sample_torch(logits, bm, generator=torch.Generator().manual_seed(43))
+    )
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -395,7 +420,7 @@ def test_nothing_is_modified_in_place(device):
     logits, _, bm = make_case(3, 80, torch.float32, seed=18)
     lg, bmd = on(device, logits, bm)
     before = lg.clone(), bmd.clone()
-    masked_sample_triton(lg, bmd, seeds=torch.arange(3), top_k=4, top_p=0.7, return_logprobs=True, config=SMALL)
+    masked_sample_triton(lg, bmd, seeds=torch.arange(3), top_k=4, top_p=0.7, return_logprobs=True, config=ONE)
     assert torch.equal(lg, before[0]) and torch.equal(bmd, before[1])
 
 
@@ -428,7 +453,9 @@ def test_apply_bitmask_with_indices_masks_only_the_listed_rows_with_their_own_ma
 
 @pytest.mark.skipif(not CUDA, reason="needs CUDA")
 @pytest.mark.parametrize("vocab", [32000, 128256, 151936])
-@pytest.mark.parametrize("params", [dict(), dict(temperature=0.7), dict(top_k=50, top_p=0.9), dict(min_p=0.05)])
+@pytest.mark.parametrize(
+    "params", [dict(), dict(temperature=0.7), dict(top_k=50, top_p=0.9), dict(min_p=0.05)]
+)
 def test_real_vocabulary_sizes_match_the_reference_on_cuda(vocab, params):
     rows = 16
     logits, allowed, bm = make_case(rows, vocab, torch.bfloat16, seed=vocab, density=0.5, scale=3.0)
