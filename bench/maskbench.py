@@ -1,7 +1,8 @@
 """MaskBench-style evaluation of JSON-schema engines: ours, llguidance, outlines-core and xgrammar, same run.
 
 Each input file (the JSONSchemaBench / MaskBench format) holds a `schema` and `tests: [{valid, data}]`. Per
-schema and engine: compile time = time to the first mask (compile + first fill); then, for every test instance,
+schema and engine: compile time = time to the first mask (compile + first fill); then, for every test
+instance,
 the instance is serialised (`json.dumps(data, ensure_ascii=False)`, i.e. ", " and ": " separators), tokenized
 with the Llama-3 tokenizer, and walked token by token, asking for the full mask before each token (timed) and
 checking that the token is allowed; at the end EOS must be allowed. A valid instance must pass every step, an
@@ -118,12 +119,16 @@ class XGrammar(Engine):
         import xgrammar
 
         self.xg = xgrammar
-        info = xgrammar.TokenizerInfo.from_huggingface(tokenizer, vocab_size=self.n_vocab, stop_token_ids=[self.eos])
+        info = xgrammar.TokenizerInfo.from_huggingface(
+            tokenizer, vocab_size=self.n_vocab, stop_token_ids=[self.eos]
+        )
         self.compiler = xgrammar.GrammarCompiler(info, max_threads=1, cache_enabled=False)
         self.buf = xgrammar.allocate_token_bitmask(1, self.n_vocab)
 
     def compile(self, schema):
-        compiled = self.compiler.compile_json_schema(json.dumps(schema), any_whitespace=True, strict_mode=False)
+        compiled = self.compiler.compile_json_schema(
+            json.dumps(schema), any_whitespace=True, strict_mode=False
+        )
         return self.xg.GrammarMatcher(compiled)
 
     def mask(self, m):
@@ -174,7 +179,14 @@ ENGINE_CLASSES = {"ours": Ours, "llguidance": LLGuidance, "xgrammar": XGrammar, 
 
 def run_schema(engine: Engine, data: dict) -> dict:
     """Compile and walk every instance; returns the per-schema record."""
-    rec = {"compile_s": None, "error": None, "valid_refused": 0, "invalid_accepted": 0, "masks_us": [], "n": 0}
+    rec = {
+        "compile_s": None,
+        "error": None,
+        "valid_refused": 0,
+        "invalid_accepted": 0,
+        "masks_us": [],
+        "n": 0,
+    }
     t0 = time.perf_counter()
     try:
         m0 = engine.compile(data["schema"])
@@ -262,7 +274,9 @@ def summarize(name: str, out: dict, n_files: int) -> dict:
         return {"engine": name, "unavailable": out["unavailable"]}
     recs = out["per_schema"]
     masks = np.asarray([x for r in recs.values() for x in r.get("masks_us", [])] or [np.nan])
-    compiles = np.asarray([r["compile_s"] for r in recs.values() if r.get("compile_s") is not None] or [np.nan])
+    compiles = np.asarray(
+        [r["compile_s"] for r in recs.values() if r.get("compile_s") is not None] or [np.nan]
+    )
     timeouts = sum(1 for r in recs.values() if r.get("timeout"))
     errors = sum(1 for r in recs.values() if r.get("error") and not r.get("timeout"))
     passed = sum(
@@ -312,8 +326,20 @@ def main(argv: list[str] | None = None) -> None:
             for i, r in out.get("per_schema", {}).items()
         }
         print(json.dumps(s), flush=True)
-    cols = ["engine", "passed", "compile_errors", "timeouts", "valid_refused", "invalid_accepted", "mask_p50_us",
-            "mask_mean_us", "mask_p99_us", "mask_p999_us", "compile_p50_ms", "compile_p99_ms"]  # fmt: skip
+    cols = [
+        "engine",
+        "passed",
+        "compile_errors",
+        "timeouts",
+        "valid_refused",
+        "invalid_accepted",
+        "mask_p50_us",
+        "mask_mean_us",
+        "mask_p99_us",
+        "mask_p999_us",
+        "compile_p50_ms",
+        "compile_p99_ms",
+    ]
     print("| " + " | ".join(cols) + " |")
     print("|" + "---|" * len(cols))
     for s in summaries:

@@ -143,7 +143,9 @@ def from_schema(schema: dict | bool, *, max_leaves: int = 30) -> st.SearchStrate
             return st.sampled_from(s["enum"])
         for key in ("anyOf", "oneOf"):
             if key in s:
-                return st.one_of([build({**{k: v for k, v in s.items() if k != key}, **sub}, depth) for sub in s[key]])
+                return st.one_of(
+                    [build({**{k: v for k, v in s.items() if k != key}, **sub}, depth) for sub in s[key]]
+                )
         t = s.get("type")
         if isinstance(t, list):
             return st.one_of([build({**s, "type": x}, depth) for x in t])
@@ -158,7 +160,9 @@ def from_schema(schema: dict | bool, *, max_leaves: int = 30) -> st.SearchStrate
             )
         if t == "array":
             prefix = [build(x, depth + 1) for x in s.get("prefixItems", [])]
-            item = build(s.get("items", True), depth + 1) if s.get("items", True) is not False else st.nothing()
+            item = (
+                build(s.get("items", True), depth + 1) if s.get("items", True) is not False else st.nothing()
+            )
             lo = max(0, s.get("minItems", 0) - len(prefix))
             hi = s.get("maxItems")
             hi = None if hi is None else max(lo, hi - len(prefix))
@@ -173,7 +177,9 @@ def from_schema(schema: dict | bool, *, max_leaves: int = 30) -> st.SearchStrate
                 return fmt
             if "pattern" in s:
                 return st.from_regex(s["pattern"])
-            return st.text(min_size=s.get("minLength", 0), max_size=s.get("maxLength", s.get("minLength", 0) + 10))
+            return st.text(
+                min_size=s.get("minLength", 0), max_size=s.get("maxLength", s.get("minLength", 0) + 10)
+            )
         if t == "integer":
             return st.integers(min_value=s.get("minimum"), max_value=s.get("maximum"))
         if t == "number":
@@ -192,7 +198,7 @@ def from_schema(schema: dict | bool, *, max_leaves: int = 30) -> st.SearchStrate
 
 _FORMATS = {
     "date": st.dates().map(lambda d: d.isoformat()),
-    "date-time": st.datetimes(timezones=st.just(datetime.timezone.utc)).map(lambda d: d.isoformat()),
+    "date-time": st.datetimes(timezones=st.just(datetime.UTC)).map(lambda d: d.isoformat()),
     "email": st.emails(),
     "uuid": st.uuids().map(str),
     "ipv4": st.ip_addresses(v=4).map(str),

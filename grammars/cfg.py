@@ -2,7 +2,8 @@
 `GrammarMatcher`, the per-sequence state.
 
 A matcher state is a small set of *threads* `(earley_state, lexer_state)`: the parse up to the last lexeme
-boundary, and how far the current lexeme has got (`FRESH` = no byte of it yet). Several threads exist where the
+boundary, and how far the current lexeme has got (`FRESH` = no byte of it yet). Several threads exist where
+the
 input is lexically ambiguous (a lexeme may end here or go on). A token is allowed iff, from some thread, its
 bytes can be split into lexeme continuations the lexer keeps alive and lexemes the parser accepts.
 
@@ -34,7 +35,7 @@ Thread = tuple[EarleyState, "LexerView", int]
 
 
 class LexerView:
-    """A shared `Lexer` seen from one grammar: its terminal indices mapped back to the grammar's terminal ids."""
+    """A shared `Lexer` seen from one grammar: its terminal indices mapped to the grammar's terminal ids."""
 
     __slots__ = ("lexer", "terms", "_acc")
 

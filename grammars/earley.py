@@ -151,7 +151,8 @@ def concat_closed(dfa: ByteDFA) -> bool:
             p, q = todo.pop()
             if dfa.accepting[p] and (q < 0 or not dfa.accepting[q]):
                 return False
-            for p2, q2 in set(zip(rows[p].tolist(), (rows[q] if q >= 0 else np.full(256, -1)).tolist())):
+            row_q = rows[q] if q >= 0 else np.full(256, -1)
+            for p2, q2 in set(zip(rows[p].tolist(), row_q.tolist(), strict=True)):
                 if p2 >= 0 and (p2, q2) not in seen:
                     if q2 < 0:
                         return False  # p2 is live (every ByteDFA state is), q2 accepts nothing
@@ -245,7 +246,7 @@ class EarleyState:
         return state
 
     def after(self, terminals: frozenset[int]) -> tuple[EarleyState, ...]:
-        """The states a lexeme matched by `terminals` can lead to: this one (ignored terminal) and/or the scan.
+        """The states a lexeme matched by `terminals` leads to: this one (ignored terminal) and/or the scan.
 
         Cached per terminal set (states are immutable).
         """

@@ -29,36 +29,89 @@ import math
 import re
 from typing import Any
 
+import numpy as np
+
 from constrain.errors import ConstraintError, SpecError, UnsupportedError
 
 from .cfg import GrammarConstraint
-import numpy as np
-
 from .dfa import ByteDFA, minimize
 from .earley import GrammarIR, Rule, Terminal
 from .terminals import pattern_dfa
 
 ANNOTATIONS = {
-    "title", "description", "default", "examples", "example", "$schema", "$id", "id", "$comment", "deprecated",
-    "readOnly", "writeOnly", "contentMediaType", "contentEncoding", "$anchor", "$defs", "definitions",
-    "$vocabulary", "discriminator", "nullable_annotation",
-}  # fmt: skip
+    "title",
+    "description",
+    "default",
+    "examples",
+    "example",
+    "$schema",
+    "$id",
+    "id",
+    "$comment",
+    "deprecated",
+    "readOnly",
+    "writeOnly",
+    "contentMediaType",
+    "contentEncoding",
+    "$anchor",
+    "$defs",
+    "definitions",
+    "$vocabulary",
+    "discriminator",
+    "nullable_annotation",
+}
 # Validation keywords, by the type they apply to (anything else is an annotation or unknown: ignored).
 HANDLED = {
-    "type", "enum", "const", "properties", "required", "additionalProperties", "items", "prefixItems",
-    "additionalItems", "minItems", "maxItems", "minLength", "maxLength", "pattern", "format", "minimum",
-    "maximum", "exclusiveMinimum", "exclusiveMaximum", "anyOf", "oneOf", "allOf", "$ref",
-}  # fmt: skip
+    "type",
+    "enum",
+    "const",
+    "properties",
+    "required",
+    "additionalProperties",
+    "items",
+    "prefixItems",
+    "additionalItems",
+    "minItems",
+    "maxItems",
+    "minLength",
+    "maxLength",
+    "pattern",
+    "format",
+    "minimum",
+    "maximum",
+    "exclusiveMinimum",
+    "exclusiveMaximum",
+    "anyOf",
+    "oneOf",
+    "allOf",
+    "$ref",
+}
 UNSUPPORTED = {
-    "not", "if", "then", "else", "dependentRequired", "dependentSchemas", "dependencies", "uniqueItems",
-    "contains", "minContains", "maxContains", "multipleOf", "minProperties", "maxProperties",
-    "patternProperties", "propertyNames", "unevaluatedProperties", "unevaluatedItems", "$dynamicRef",
+    "not",
+    "if",
+    "then",
+    "else",
+    "dependentRequired",
+    "dependentSchemas",
+    "dependencies",
+    "uniqueItems",
+    "contains",
+    "minContains",
+    "maxContains",
+    "multipleOf",
+    "minProperties",
+    "maxProperties",
+    "patternProperties",
+    "propertyNames",
+    "unevaluatedProperties",
+    "unevaluatedItems",
+    "$dynamicRef",
     "$recursiveRef",
-}  # fmt: skip
+}
 ALL_TYPES = ("object", "array", "string", "number", "integer", "boolean", "null")
 
-# One JSON string character: unescaped, a short escape, a \uXXXX escape of a non-surrogate, or a surrogate pair
-# (one character once decoded, as maxLength counts it). Lone surrogate escapes are refused.
+# One JSON string character: unescaped, a short escape, a \uXXXX escape of a non-surrogate, or a surrogate
+# pair (one character once decoded, as maxLength counts it). Lone surrogate escapes are refused.
 _CHAR = (
     r'(?:[^"\\\x00-\x1f]|\\["\\/bfnrt]|\\u(?:[0-9a-cA-CefEF][0-9a-fA-F]{3}|[dD][0-7][0-9a-fA-F]{2})'
     r"|\\u[dD][89abAB][0-9a-fA-F]{2}\\u[dD][c-fC-F][0-9a-fA-F]{2})"
@@ -68,7 +121,8 @@ _INTEGER = r"-?(?:0|[1-9][0-9]*)"
 
 _D2 = r"[0-9]{2}"
 _DATE = r"[0-9]{4}-(?:0[1-9]|1[0-2])-(?:0[1-9]|[12][0-9]|3[01])"
-_TIME = r"(?:[01][0-9]|2[0-3]):[0-5][0-9]:(?:[0-5][0-9]|60)(?:\.[0-9]+)?(?:[zZ]|[+-](?:[01][0-9]|2[0-3]):[0-5][0-9])"
+_HM = r"(?:[01][0-9]|2[0-3]):[0-5][0-9]"
+_TIME = rf"{_HM}:(?:[0-5][0-9]|60)(?:\.[0-9]+)?(?:[zZ]|[+-]{_HM})"
 _OCTET = r"(?:25[0-5]|2[0-4][0-9]|1[0-9]{2}|[1-9]?[0-9])"
 _IPV4 = rf"{_OCTET}(?:\.{_OCTET}){{3}}"
 _H16 = r"[0-9a-fA-F]{1,4}"
@@ -99,11 +153,21 @@ def _char_regex(c: str) -> str:
     options = []
     if c not in '"\\' and code >= 0x20:
         options.append(re.escape(c))
-    short = {'"': '\\\\"', "\\": "\\\\\\\\", "/": "\\\\/", "\b": "\\\\b", "\f": "\\\\f", "\n": "\\\\n",
-             "\r": "\\\\r", "\t": "\\\\t"}  # fmt: skip
+    short = {
+        '"': '\\\\"',
+        "\\": "\\\\\\\\",
+        "/": "\\\\/",
+        "\b": "\\\\b",
+        "\f": "\\\\f",
+        "\n": "\\\\n",
+        "\r": "\\\\r",
+        "\t": "\\\\t",
+    }
     if c in short:
         options.append(short[c])
-    units = [code] if code < 0x10000 else [0xD800 + ((code - 0x10000) >> 10), 0xDC00 + ((code - 0x10000) & 0x3FF)]
+    units = (
+        [code] if code < 0x10000 else [0xD800 + ((code - 0x10000) >> 10), 0xDC00 + ((code - 0x10000) & 0x3FF)]
+    )
     hexes = ""
     for u in units:
         hexes += r"\\u" + "".join(f"[{d}{d.upper()}]" if d.isalpha() else d for d in f"{u:04x}")
@@ -177,7 +241,7 @@ def _alt(parts: list[str]) -> list[str]:
 
 
 class _Lowering:
-    """Schema -> grammar: one non-terminal per (schema node, type restriction), terminals shared by pattern."""
+    """Schema -> grammar: one non-terminal per schema node, terminals shared by pattern."""
 
     def __init__(self, root: Any, *, whitespace: str, max_whitespace: int, lenient: bool):
         if whitespace not in ("flexible", "compact", "indented"):
@@ -235,7 +299,9 @@ class _Lowering:
 
     def resolve(self, ref: str, where: str) -> Any:
         if not isinstance(ref, str) or not ref.startswith("#"):
-            raise UnsupportedError(f"$ref {ref!r} at {where or '#'}: only local references (#/...) are supported")
+            raise UnsupportedError(
+                f"$ref {ref!r} at {where or '#'}: only local references (#/...) are supported"
+            )
         node = self.root
         path = ref[1:]
         if path.startswith("/"):
@@ -274,7 +340,9 @@ class _Lowering:
         if schema is False:
             return []
         if not isinstance(schema, dict):
-            raise SpecError(f"schema at {where or '#'} must be an object or a boolean, got {type(schema).__name__}")
+            raise SpecError(
+                f"schema at {where or '#'} must be an object or a boolean, got {type(schema).__name__}"
+            )
         for k in schema:
             if k in UNSUPPORTED:
                 self.unsupported(k, where)
@@ -325,7 +393,7 @@ class _Lowering:
         return out
 
     def admits(self, schema: dict, value: Any) -> bool:
-        """A const/enum value passes the schema's `type` (other keywords are checked by `jsonschema` later)."""
+        """True if a const/enum value has one of the schema's types (other keywords are not checked)."""
         types = schema.get("type")
         if types is None:
             return True
@@ -339,7 +407,11 @@ class _Lowering:
         for sub in subs:
             if isinstance(sub, dict) and "$ref" in sub and len(sub) == 1:
                 sub = self.resolve(sub["$ref"], where)
-            if not isinstance(sub, dict) or "type" not in sub or any(k in sub for k in ("anyOf", "oneOf", "allOf")):
+            if (
+                not isinstance(sub, dict)
+                or "type" not in sub
+                or any(k in sub for k in ("anyOf", "oneOf", "allOf"))
+            ):
                 return False
             types = {sub["type"]} if isinstance(sub["type"], str) else set(sub["type"])
             if "number" in types:
@@ -361,7 +433,10 @@ class _Lowering:
                 raise SpecError(f"schema at {where} must be an object or a boolean")
             while "$ref" in s:
                 target = self.resolve(s["$ref"], where)
-                s = {**{k: v for k, v in s.items() if k != "$ref"}, **(target if isinstance(target, dict) else {})}
+                s = {
+                    **{k: v for k, v in s.items() if k != "$ref"},
+                    **(target if isinstance(target, dict) else {}),
+                }
             if "allOf" in s:
                 s = self.merge([{k: v for k, v in s.items() if k != "allOf"}, *s["allOf"]], where)
             for k, v in s.items():
@@ -442,7 +517,9 @@ class _Lowering:
         elif emax is not None and (hi is None or emax <= hi):
             hi, hi_x = emax, True
         for k, v in (("minimum", lo), ("maximum", hi)):
-            if v is not None and (isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v)):
+            if v is not None and (
+                isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v)
+            ):
                 raise SpecError(f"{k} at {where} must be a finite number, got {v!r}")
         return lo, lo_x, hi, hi_x
 
@@ -568,7 +645,9 @@ class _Lowering:
         out.append((lb, *seq, *((tail,) if tail else ()), rb))
         return out
 
-    def array_tail(self, elems: list[str], item: str | None, i: int, max_n: int | None, comma: str) -> str | None:
+    def array_tail(
+        self, elems: list[str], item: str | None, i: int, max_n: int | None, comma: str
+    ) -> str | None:
         """A non-terminal for the optional elements from index `i` on (None if nothing can follow)."""
         if max_n is not None and i >= max_n:
             return None
@@ -631,7 +710,11 @@ class _Lowering:
                     self.rule(name, *((comma,) if emitted else ()), extra_pair, loop)
                 return name
             n = names[i]
-            pair = (self.term(string_literal_regex(n)), colon, self.value(schemas[n], f"{where}/properties/{n}"))
+            pair = (
+                self.term(string_literal_regex(n)),
+                colon,
+                self.value(schemas[n], f"{where}/properties/{n}"),
+            )
             nxt = rest(i + 1, True)
             self.rule(name, *((comma,) if emitted else ()), *pair, nxt)
             if n not in required_set:
@@ -852,7 +935,7 @@ def json_schema(
     Raises:
         UnsupportedError: a validation keyword that cannot be enforced exactly (message names it and where).
         SpecError: a malformed schema (bad `$ref`, wrong keyword types, a schema that admits no value).
-        CompileLimitError: the grammar's automata would be too large (e.g. maxLength in the tens of thousands).
+        CompileLimitError: the grammar's automata would be too large (e.g. a maxLength in the thousands).
     """
     model = None
     if isinstance(schema, type):
@@ -861,14 +944,18 @@ def json_schema(
         except ImportError as exc:  # pragma: no cover
             raise SpecError("pydantic is not installed") from exc
         if not issubclass(schema, BaseModel):
-            raise SpecError(f"json_schema() takes a schema or a pydantic BaseModel subclass, got {schema.__name__}")
+            raise SpecError(
+                f"json_schema() takes a schema or a pydantic BaseModel subclass, got {schema.__name__}"
+            )
         model = schema
         schema = schema.model_json_schema()
     elif isinstance(schema, str | bytes):
         try:
             schema = json.loads(schema)
         except json.JSONDecodeError as exc:
-            raise SpecError(f"schema text is not JSON: {exc.msg} at line {exc.lineno} column {exc.colno}") from exc
+            raise SpecError(
+                f"schema text is not JSON: {exc.msg} at line {exc.lineno} column {exc.colno}"
+            ) from exc
     if not isinstance(schema, dict | bool):
         raise SpecError(f"a JSON schema must be an object or a boolean, got {type(schema).__name__}")
     low = _Lowering(schema, whitespace=whitespace, max_whitespace=max_whitespace, lenient=lenient)
@@ -881,14 +968,16 @@ def json_schema(
             raise
         # a keyword with a value of the wrong JSON type somewhere under the last schema entered
         raise SpecError(f"malformed schema near {low.where}: {type(exc).__name__}: {exc}") from exc
-    ws = low.term(r"[ \t\n\r]{1,%d}" % max(1, max_whitespace)) if whitespace != "compact" else None
+    n_ws = max(1, max_whitespace)
+    ws = low.term(rf"[ \t\n\r]{{1,{n_ws}}}") if whitespace != "compact" else None
     start_rules = [Rule("start", (top,))]
     if ws:
         start_rules = [Rule("start", ("ws0", top, "ws0")), Rule("ws0", ()), Rule("ws0", (ws,))]
-    terminals = tuple(Terminal(name, pattern, dfa=low.dfas.get(pattern)) for pattern, name in low.terminals.items())
+    terminals = tuple(
+        Terminal(name, pattern, dfa=low.dfas.get(pattern)) for pattern, name in low.terminals.items()
+    )
     ir = GrammarIR(terminals=terminals, rules=tuple(start_rules + low.rules), start="start")
     label = f"json schema{f' ({model.__name__})' if model else ''}"
     constraint = JsonSchemaConstraint(ir, schema, model, low.ignored, label)
     _ = constraint.core  # surface grammar errors (e.g. no value admitted) now
     return constraint
-

@@ -17,6 +17,7 @@ the language and are not needed here.
 from __future__ import annotations
 
 import re
+from importlib import resources
 
 import lark
 from lark.exceptions import LarkError
@@ -56,9 +57,26 @@ def lark_to_ir(text: str, start: str = "start") -> GrammarIR:
     for r in rules:
         for s in r.rhs:
             if s.isupper() and s not in known and not any(s == q.lhs for q in rules):
-                raise SpecError(f"rule {r.lhs}: terminal {s} has no pattern (%declare'd terminals need a lexer)")
+                raise SpecError(
+                    f"rule {r.lhs}: terminal {s} has no pattern (%declare'd terminals need a lexer)"
+                )
     ignore = tuple(n for n in parser.ignore_tokens if n in known)
     return GrammarIR(terminals=tuple(terminals), rules=rules, start=start, ignore=ignore)
+
+
+SHIPPED = ("json", "arithmetic", "sql_select", "python_call", "csv")
+
+
+def shipped_grammar_text(name: str) -> str:
+    """The text of a grammar shipped with the package (`SHIPPED`); raises `SpecError` for another name."""
+    if name not in SHIPPED:
+        raise SpecError(f"no shipped grammar {name!r}; the shipped ones are {', '.join(SHIPPED)}")
+    return resources.files("constrain.grammars").joinpath(f"{name}.lark").read_text(encoding="utf-8")
+
+
+def shipped_grammar(name: str) -> GrammarConstraint:
+    """A shipped grammar (json, arithmetic, sql_select, python_call, csv) as a token constraint."""
+    return lark_grammar(shipped_grammar_text(name), label=f"{name}.lark")
 
 
 def lark_grammar(text: str, start: str = "start", *, label: str | None = None) -> GrammarConstraint:

@@ -1,4 +1,4 @@
-"""The lexer side of grammar masks: product DFAs of allowed terminals, and cached walks of the vocabulary trie.
+"""The lexer side of grammar masks: product DFAs of allowed terminals, cached walks of the vocabulary trie.
 
 `Lexer` is the product of the DFAs of one set of terminals (the terminals an Earley state allows, plus the
 ignored ones): its state says which of them are still alive and which accept. Lexers are cached globally by
@@ -158,11 +158,13 @@ def or_ids(out: np.ndarray, ids: np.ndarray) -> None:
 
 
 class WalkResult:
-    """What one frontier walk found: the allowed tokens (a mask or ids) and the next frontiers by accept set."""
+    """What one frontier walk found: the allowed tokens (mask or ids), the next frontiers by accept set."""
 
     __slots__ = ("words", "ids", "groups")
 
-    def __init__(self, words: np.ndarray | None, ids: np.ndarray | None, groups: list[tuple[tuple, Frontier]]):
+    def __init__(
+        self, words: np.ndarray | None, ids: np.ndarray | None, groups: list[tuple[tuple, Frontier]]
+    ):
         self.words = words
         self.ids = ids
         self.groups = groups

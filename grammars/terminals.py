@@ -12,13 +12,13 @@ lookbehind) is recognised and replaced by its exact regular equivalent.
 
 from __future__ import annotations
 
-import re
-import re._constants as C  # noqa: N812 - the module's own short name
 import _sre
+import re
 import re._casefix as _casefix
+import re._constants as C  # noqa: N812 - the module's own short name
 import re._parser as sre_parse
 import sys
-from functools import lru_cache
+from functools import cache, lru_cache
 
 from constrain.errors import CompileLimitError, SpecError, UnsupportedError
 
@@ -42,7 +42,7 @@ def effective_pattern(pattern: str) -> str:
     return _KNOWN_REWRITES.get(pattern, pattern)
 
 
-@lru_cache(maxsize=None)
+@cache
 def _category_ranges(category: str) -> tuple[tuple[int, int], ...]:
     """The code-point ranges that Python's `re` matches with a category escape (e.g. `\\d`, `\\w`, `\\s`)."""
     chars = "".join(chr(c) for c in range(sys.maxunicode + 1) if not 0xD800 <= c <= 0xDFFF)
@@ -91,7 +91,7 @@ def _case_partners(c: int) -> set[int]:
 
 
 def _fold(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
-    """Add every case partner of the code points in `ranges` (small classes only; big ones hold both cases)."""
+    """Add every case partner of the code points in `ranges` (small classes only: big ones hold both)."""
     size = sum(hi - lo + 1 for lo, hi in ranges)
     if size > 20_000:
         return ranges
@@ -118,7 +118,9 @@ class _Lowering:
         self.nfa = NFA(max_states=MAX_NFA_STATES)
 
     def fail(self, what: str) -> UnsupportedError:
-        return UnsupportedError(f"terminal {self.name}: {what} cannot be enforced by a DFA (pattern /{self.pattern}/)")
+        return UnsupportedError(
+            f"terminal {self.name}: {what} cannot be enforced by a DFA (pattern /{self.pattern}/)"
+        )
 
     def klass(self, items: list, flags: int) -> list[tuple[int, int]]:
         ranges: list[tuple[int, int]] = []
@@ -188,7 +190,8 @@ class _Lowering:
             lo, hi, body = av
             if lo > MAX_UNROLL or (hi is not _MAXREPEAT and hi > MAX_UNROLL):
                 raise CompileLimitError(
-                    f"terminal {self.name}: counted repeat {{{lo},{hi}}} exceeds {MAX_UNROLL} (pattern /{self.pattern}/)"
+                    f"terminal {self.name}: counted repeat {{{lo},{hi}}} exceeds {MAX_UNROLL} "
+                    f"(pattern /{self.pattern}/)"
                 )
             for _ in range(lo):
                 src = self.seq(body, flags, src)

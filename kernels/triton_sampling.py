@@ -610,7 +610,7 @@ def _apply_bitmask_kernel(
     tok = gid[:, None] * 32 + lane[None, :]
     word = tl.load(mask_ptr + row * W + gid, mask=gid < W, other=-1)
     off = ((word[:, None] >> lane[None, :]) & 1) == 0
-    neg = tl.full((G, 32), float("-inf"), logits_ptr.dtype.element_ty)
+    neg = tl.full((G, 32), float("-inf"), tl.float32).to(logits_ptr.dtype.element_ty)
     tl.store(logits_ptr + row * stride_l + tok, neg, mask=off & (tok < V))
 
 

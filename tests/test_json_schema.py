@@ -17,7 +17,9 @@ from constrain import SpecError, UnsupportedError, Vocabulary
 from constrain.grammars.json_schema import int_range_regex, json_schema, string_literal_regex
 from constrain.testing import check_complete, from_schema, json_text
 
-HS = settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
+HS = settings(
+    max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much]
+)
 
 SCHEMAS = {
     "person": {
@@ -35,17 +37,29 @@ SCHEMAS = {
         "type": "object",
         "properties": {
             "kind": {"const": "point"},
-            "xy": {"type": "array", "prefixItems": [{"type": "number"}, {"type": "number"}], "items": False,
-                   "minItems": 2},
+            "xy": {
+                "type": "array",
+                "prefixItems": [{"type": "number"}, {"type": "number"}],
+                "items": False,
+                "minItems": 2,
+            },
             "when": {"type": "string", "format": "date"},
             "id": {"anyOf": [{"type": "string", "pattern": "^[a-f0-9]{4}$"}, {"type": "null"}]},
         },
         "required": ["kind"],
     },
     "recursive": {
-        "$defs": {"node": {"type": "object", "properties": {"v": {"type": "integer"},
-                                                             "kids": {"type": "array", "items": {"$ref": "#/$defs/node"}}},
-                           "required": ["v"], "additionalProperties": False}},
+        "$defs": {
+            "node": {
+                "type": "object",
+                "properties": {
+                    "v": {"type": "integer"},
+                    "kids": {"type": "array", "items": {"$ref": "#/$defs/node"}},
+                },
+                "required": ["v"],
+                "additionalProperties": False,
+            }
+        },
         "$ref": "#/$defs/node",
     },
     "bounded_number": {"type": "number", "minimum": -3, "exclusiveMaximum": 7},
@@ -54,7 +68,17 @@ SCHEMAS = {
 
 
 def small_vocab() -> Vocabulary:
-    tokens = [bytes([b]) for b in range(256)] + [b'{"', b'":', b'", "', b'"}', b", ", b": ", b"true", b"null", b"12"]
+    tokens = [bytes([b]) for b in range(256)] + [
+        b'{"',
+        b'":',
+        b'", "',
+        b'"}',
+        b", ",
+        b": ",
+        b"true",
+        b"null",
+        b"12",
+    ]
     return Vocabulary(tokens + [b"</s>"], special_ids=[len(tokens)], eos_ids=[len(tokens)], name="small")
 
 
@@ -73,7 +97,9 @@ def valid(name: str, text: str) -> bool:
     except ValueError:
         return False
     checker = jsonschema.FormatChecker()
-    return jsonschema.validators.validator_for(SCHEMAS[name])(SCHEMAS[name], format_checker=checker).is_valid(value)
+    return jsonschema.validators.validator_for(SCHEMAS[name])(SCHEMAS[name], format_checker=checker).is_valid(
+        value
+    )
 
 
 def in_schema_order(name: str, value, schema=None) -> object:
@@ -135,7 +161,10 @@ def test_mutated_texts_are_accepted_only_if_valid(name, data):
 def test_real_tokenizer_instances_accepted_token_by_token(vocabularies, tokenizers):
     vocab, tok = vocabularies("llama3"), tokenizers("llama3")
     compiled = json_schema(SCHEMAS["person"]).compile(vocab)
-    for value in [{"name": "Ann", "age": 41, "tags": ["a", "c"]}, {"name": "Zoë", "age": 0, "email": "a.b@c.de"}]:
+    for value in [
+        {"name": "Ann", "age": 41, "tags": ["a", "c"]},
+        {"name": "Zoë", "age": 0, "email": "a.b@c.de"},
+    ]:
         text = json.dumps(value, ensure_ascii=False)
         check_complete(compiled, tok.encode(text, add_special_tokens=False), label=text)
 
@@ -157,7 +186,11 @@ def test_known_invalid_instances_are_refused():
     ]:
         assert not valid(name, text), text
         assert not accepts(name, text), text
-    assert accepts("bounded_number", "6.99") and accepts("bounded_number", "-3") and accepts("bounded_number", "-2.5")
+    assert (
+        accepts("bounded_number", "6.99")
+        and accepts("bounded_number", "-3")
+        and accepts("bounded_number", "-2.5")
+    )
 
 
 def test_extra_properties_follow_declared_ones_and_may_not_repeat_declared_names():
@@ -173,7 +206,7 @@ def test_extra_properties_follow_declared_ones_and_may_not_repeat_declared_names
 
 
 @settings(max_examples=200, deadline=None)
-@given(st.integers(-5000, 5000), st.integers(-5000, 5000), st.integers(-10**5, 10**5))
+@given(st.integers(-5000, 5000), st.integers(-5000, 5000), st.integers(-(10**5), 10**5))
 def test_integer_range_regex_matches_exactly_the_range(a, b, n):
     """Property: the integer-range regex matches n iff lo <= n <= hi (and only canonical spellings)."""
     lo, hi = min(a, b), max(a, b)
@@ -242,11 +275,35 @@ def test_malformed_schemas_raise_spec_errors_naming_the_place(schema, fragment):
 
 
 @settings(max_examples=60, deadline=None)
-@given(st.recursive(st.none() | st.booleans() | st.integers() | st.text(max_size=5),
-                    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(
-                        st.sampled_from(["type", "items", "properties", "required", "enum", "minimum", "$ref",
-                                         "anyOf", "pattern", "maxLength", "const", "x"]), inner, max_size=3),
-                    max_leaves=10))
+@given(
+    st.recursive(
+        st.none() | st.booleans() | st.integers() | st.text(max_size=5),
+        lambda inner: (
+            st.lists(inner, max_size=3)
+            | st.dictionaries(
+                st.sampled_from(
+                    [
+                        "type",
+                        "items",
+                        "properties",
+                        "required",
+                        "enum",
+                        "minimum",
+                        "$ref",
+                        "anyOf",
+                        "pattern",
+                        "maxLength",
+                        "const",
+                        "x",
+                    ]
+                ),
+                inner,
+                max_size=3,
+            )
+        ),
+        max_leaves=10,
+    )
+)
 def test_fuzzed_schemas_compile_or_raise_constraint_errors(schema):
     """Property: any JSON value given as a schema either compiles or raises a ConstraintError."""
     from constrain import ConstraintError

@@ -64,14 +64,37 @@ ALPHABETS = {
 
 def small_vocab() -> Vocabulary:
     """Every byte as a token, plus multi-byte tokens that span lexeme boundaries, and an EOS."""
-    extra = [b"ab", b"ba", b"aab", b"12", b"+(", b") ", b"1 + 2", b'{"', b'":', b'", "', b'"}', b"true", b"  ",
-             b"x=", b"K=", b"xk", b"a,b", b", ", b"e-", b"\\\"", b"],"]
+    extra = [
+        b"ab",
+        b"ba",
+        b"aab",
+        b"12",
+        b"+(",
+        b") ",
+        b"1 + 2",
+        b'{"',
+        b'":',
+        b'", "',
+        b'"}',
+        b"true",
+        b"  ",
+        b"x=",
+        b"K=",
+        b"xk",
+        b"a,b",
+        b", ",
+        b"e-",
+        b'\\"',
+        b"],",
+    ]
     tokens = [bytes([b]) for b in range(256)] + extra
     return Vocabulary(tokens + [b"</s>"], special_ids=[len(tokens)], eos_ids=[len(tokens)], name="small")
 
 
 VOCAB = small_vocab()
-ORACLES = {name: lark.Lark(text, parser="earley", lexer="dynamic_complete") for name, text in GRAMMARS.items()}
+ORACLES = {
+    name: lark.Lark(text, parser="earley", lexer="dynamic_complete") for name, text in GRAMMARS.items()
+}
 COMPILED = {name: lark_grammar(text).compile(VOCAB) for name, text in GRAMMARS.items()}
 
 
