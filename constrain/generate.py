@@ -549,8 +549,14 @@ def generate(
     stream: Callable[[int, str], None] | None = None,
     stop_at_eos: bool = True,
     overlap: bool = True,
-) -> list[Generation]:
+    n: int = 1,
+    num_beams: int = 1,
+) -> list[Any]:
     """Generate for a batch of prompts, each row under its own constraint; one `Generation` per prompt.
+
+    With `n > 1` (best-of-N) or `num_beams > 1` (beam search) each prompt is prefilled once and its branches
+    share the prompt's KV cache (`constrain.branching`); the result per prompt is then a `BestOfN` (all N
+    branches with scores, and `.best`) or a `BeamSearchResult` (`.beams`, best first).
 
     Args:
         model: a transformers causal LM with a KV cache (`model(input_ids, attention_mask, position_ids,
@@ -570,11 +576,31 @@ def generate(
         stop_at_eos: an unconstrained row ends at any EOS id of the vocabulary; False lets it run to
             `max_new_tokens`. A constrained row always ends at EOS (its matcher has terminated).
         overlap: fill the next bitmask in a worker thread during the forward (False: fill in line).
+        n: branches per prompt for best-of-N / parallel sampling (1 = plain decoding).
+        num_beams: beams per prompt for beam search (1 = plain decoding); not together with `n`.
 
     Raises:
         ConstraintError: bad arguments, constraints that do not fit the batch, an empty prompt.
         VocabularyError: a vocabulary whose logits width is not the model's.
     """
+    if n != 1 or num_beams != 1:
+        return _generate_branches(
+            model,
+            tokenizer,
+            prompts,
+            constraints,
+            n=n,
+            num_beams=num_beams,
+            vocab=vocab,
+            max_new_tokens=max_new_tokens,
+            chat=chat,
+            temperature=temperature,
+            top_k=top_k,
+            top_p=top_p,
+            min_p=min_p,
+            seed=seed,
+            stop_at_eos=stop_at_eos,
+        )
     results: dict[int, Generation] = {}
     for event in generate_stream(
         model,
@@ -597,3 +623,55 @@ def generate(
         if event.generation is not None:
             results[event.row] = event.generation
     return [results[row] for row in sorted(results)]
+
+
+def _generate_branches(
+    model,
+    tokenizer,
+    prompts,
+    constraints,
+    *,
+    n,
+    num_beams,
+    vocab,
+    max_new_tokens,
+    chat,
+    temperature,
+    top_k,
+    top_p,
+    min_p,
+    seed,
+    stop_at_eos,
+) -> list[Any]:
+    """Best-of-N or beam search per prompt, on the shared-prefix KV cache."""
+    from .branching import beam_search, generate_n
+
+    if n != 1 and num_beams != 1:
+        raise ConstraintError("give n (best-of-N) or num_beams (beam search), not both")
+    prompt_list = _as_prompt_list(prompts)
+    per_prompt = constraints if isinstance(constraints, list) else [constraints] * len(prompt_list)
+    if len(per_prompt) != len(prompt_list):
+        raise ConstraintError(f"{len(per_prompt)} constraints for {len(prompt_list)} prompts")
+    common = dict(vocab=vocab, max_new_tokens=max_new_tokens, chat=chat)
+    if num_beams != 1:
+        return [
+            beam_search(model, tokenizer, p, c, num_beams=num_beams, **common)
+            for p, c in zip(prompt_list, per_prompt, strict=True)
+        ]
+    return [
+        generate_n(
+            model,
+            tokenizer,
+            p,
+            c,
+            n=n,
+            temperature=temperature,
+            top_k=top_k,
+            top_p=top_p,
+            min_p=min_p,
+            seed=seed,
+            stop_at_eos=stop_at_eos,
+            **common,
+        )
+        for p, c in zip(prompt_list, per_prompt, strict=True)
+    ]

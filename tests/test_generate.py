@@ -21,6 +21,7 @@ from hypothesis import strategies as st
 from constrain import ConstraintError, Matcher, VocabularyError
 from constrain.bitmask import row_view
 from constrain.generate import Generation, Utf8Stream, generate, generate_stream, model_vocabulary
+from constrain.grammars.regex import choice, regex
 from constrain.vocab import Vocabulary
 
 # -- test doubles ------------------------------------------------------------------------------------------
@@ -167,9 +168,9 @@ def smollm2():
 
 
 def regex_module():
-    return pytest.importorskip(
-        "constrain.grammars.regex", reason="constrain.grammars.regex not available yet"
-    )
+    import constrain.grammars.regex
+
+    return constrain.grammars.regex
 
 
 # -- the oracle ----------------------------------------------------------------------------------------------
@@ -705,3 +706,44 @@ def test_cuda_sampling_is_reproducible_and_overlap_independent(tok, vocab):
     assert on == run(False) == run(True)
     for g in (on[0], on[2]):
         assert tuple(without_eos(g.token_ids, vocab)) in {tuple(s) for s in seqs}
+
+
+# -- best-of-N and beam search through generate() ------------------------------------------------------------
+def test_generate_with_n_returns_n_branches_that_each_match_the_regex(smollm2):
+    from constrain.branching import BestOfN
+
+    model, tok = smollm2
+    pattern = r"\d{4}-\d{2}-\d{2}"
+    (result,) = generate(
+        model,
+        tok,
+        "When did the Berlin Wall fall?",
+        regex(pattern),
+        n=3,
+        temperature=0.8,
+        seed=1,
+        max_new_tokens=14,
+    )
+    assert isinstance(result, BestOfN) and len(result.branches) == 3
+    assert all(re.fullmatch(pattern, b.text) for b in result.branches)
+    assert result.best.score == max(b.score for b in result.branches)
+
+
+def test_generate_with_num_beams_returns_beams_best_first(smollm2):
+    model, tok = smollm2
+    (result,) = generate(
+        model,
+        tok,
+        "Is 'I loved it' positive or negative?",
+        choice(["positive", "negative"]),
+        num_beams=2,
+        max_new_tokens=4,
+    )
+    assert {b.text for b in result.beams} == {"positive", "negative"}
+    assert result.beams[0].score >= result.beams[1].score
+
+
+def test_generate_refuses_n_and_num_beams_together(smollm2):
+    model, tok = smollm2
+    with pytest.raises(ConstraintError, match="not both"):
+        generate(model, tok, "hi", n=2, num_beams=2)
