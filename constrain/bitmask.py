@@ -6,6 +6,8 @@ A bitmask is a `torch.int32` tensor of shape `(batch, ceil(V/32))`; token `j` of
 
 from __future__ import annotations
 
+import weakref
+
 import numpy as np
 import torch
 
@@ -30,9 +32,15 @@ def allocate_bitmask(batch: int, vocab_size: int, *, pin_memory: bool = False) -
 
 def check_bitmask(bitmask: torch.Tensor | np.ndarray, vocab_size: int, batch: int | None = None) -> None:
     """Raise `BitmaskError` unless `bitmask` follows the ABI for `vocab_size` (and `batch` rows, if given)."""
-    dtype = bitmask.dtype
-    if dtype not in (torch.int32, np.int32, np.dtype(np.int32)):
-        raise BitmaskError(f"bitmask dtype must be int32, got {dtype}")
+    # Compare within one library: a numpy-vs-torch dtype comparison costs microseconds on the hot path.
+    if isinstance(bitmask, torch.Tensor):
+        ok = bitmask.dtype == torch.int32
+    elif isinstance(bitmask, np.ndarray):
+        ok = bitmask.dtype == np.int32
+    else:
+        raise BitmaskError(f"bitmask must be a torch.Tensor or numpy array, got {type(bitmask).__name__}")
+    if not ok:
+        raise BitmaskError(f"bitmask dtype must be int32, got {bitmask.dtype}")
     if bitmask.ndim != 2:
         raise BitmaskError(f"bitmask must be 2-D (batch, words), got shape {tuple(bitmask.shape)}")
     words = bitmask_words(vocab_size)
@@ -45,15 +53,32 @@ def check_bitmask(bitmask: torch.Tensor | np.ndarray, vocab_size: int, batch: in
         raise BitmaskError(f"bitmask has {bitmask.shape[0]} rows, expected {batch}")
 
 
+# The last tensor given to row_view and its numpy view: a decode loop fills the same bitmask every step, and
+# `Tensor.numpy()` costs a few microseconds, a noticeable part of a cached mask fill.
+_last_view: tuple[weakref.ref, int, tuple[int, ...], np.ndarray] | None = None
+
+
+def _numpy_view(bitmask: torch.Tensor) -> np.ndarray:
+    global _last_view
+    cached = _last_view
+    if (
+        cached is not None
+        and cached[0]() is bitmask
+        and cached[1] == bitmask.data_ptr()
+        and cached[2] == tuple(bitmask.shape)
+    ):
+        return cached[3]
+    if not bitmask.is_cpu:
+        raise BitmaskError(f"matchers fill a CPU bitmask; got one on {bitmask.device} (fill on CPU, then copy)")
+    array = bitmask.numpy()
+    _last_view = (weakref.ref(bitmask), bitmask.data_ptr(), tuple(bitmask.shape), array)
+    return array
+
+
 def row_view(bitmask: torch.Tensor | np.ndarray, row: int, vocab_size: int) -> np.ndarray:
     """The `row`-th row of a CPU bitmask as a writable `uint32` numpy view (shares memory with `bitmask`)."""
     check_bitmask(bitmask, vocab_size)
-    if isinstance(bitmask, torch.Tensor):
-        if bitmask.device.type != "cpu":
-            raise BitmaskError(f"matchers fill a CPU bitmask; got one on {bitmask.device} (fill on CPU, then copy)")
-        array = bitmask.numpy()
-    else:
-        array = bitmask
+    array = _numpy_view(bitmask) if isinstance(bitmask, torch.Tensor) else bitmask
     if not 0 <= row < array.shape[0]:
         raise BitmaskError(f"row {row} out of range for a bitmask of {array.shape[0]} rows")
     return array[row].view(np.uint32)

@@ -3,17 +3,18 @@
 `masked_sample_triton` computes what `torch_sampling.masked_sample_torch` defines (read its docstring for the
 semantics) with the same noise, `E_j = exponential_from_bits(philox4x32(seed, j)[0])`, in the same exponential
 race `argmax_j t_j - log(E_j)` over the kept tokens, so it draws the reference's tokens, not only from the
-same distribution. Two float32 details differ: the unfiltered race scores `x_j / T - log(E_j)` (the reference's
-`(x_j - max x) / T - log(E_j)` up to rounding: one pass needs no row maximum first), and exp/log come from
-other implementations than torch's; either can flip a token only where two race scores lie within ~1e-5.
-The filters work on the reference's exact `t_j = (x_j - max x) / T` (IEEE division).
+same distribution. Two float32 details differ: the unfiltered race scores `x_j / T - log(E_j)` (the
+reference's `(x_j - max x) / T - log(E_j)` up to rounding: one pass needs no row maximum first), and exp/log
+come from other implementations than torch's; either can flip a token only where two race scores lie within
+~1e-5. The filters work on the reference's exact `t_j = (x_j - max x) / T` (IEEE division).
 
 Kernels, in launch order (N output rows; each row's vocabulary cut into S slices of whole tiles):
 
 A. `_pass_kernel`, grid (N, S): the only full read of the logits and bitmask. Per slice: masked maximum and
-   its lowest argmax (greedy), count of allowed finite logits, logsumexp pieces (logprobs), tempered mass and the
-   best 32-token groups (filters), and the unfiltered race. The race is the expensive part (a Philox-4x32-10
-   word per token); logarithms are taken only in tiles where a cheap bound says a token can still win.
+   its lowest argmax (greedy), count of allowed finite logits, logsumexp pieces (logprobs), tempered mass and
+   the best 32-token groups (filters), and the unfiltered race. The race is the expensive part (a
+   Philox-4x32-10 word per token); logarithms are taken only in tiles where a cheap bound says a token can
+   still win.
 B. `_finish_kernel`, grid (N,): reduces the slices to the row's token and logprob. With filters it gathers the
    best groups' tokens, sorts them and finds the exact top-k / top-p / min-p thresholds when the gathered
    tokens provably hold every token the filters keep, or when the unfiltered winner provably survives them
@@ -138,7 +139,7 @@ def _log_exponential_of_bits(bits):
 
 @triton.jit
 def _row_of(idx_ptr, row, B, V, W, HAS_IDX: tl.constexpr):
-    """(logits row as int64, V, W) for output row `row`; (0, 0, 0) for an out-of-range index (reads nothing)."""
+    """(logits row as int64, V, W) of output row `row`; (0, 0, 0) for a bad index (then it reads nothing)."""
     if HAS_IDX:
         lrow = tl.load(idx_ptr + row).to(tl.int64)
     else:
@@ -387,7 +388,9 @@ def _finish_kernel(
                 mask=live[:, None],
                 other=-9187343239835811840,
             )
-            drop_key = tl.max(tl.load(ws_drop_ptr + row * S + s, mask=live, other=-9187343239835811840), axis=0)
+            drop_key = tl.max(
+                tl.load(ws_drop_ptr + row * S + s, mask=live, other=-9187343239835811840), axis=0
+            )
             flat = tl.reshape(gk, [SP * KG])
             chosen = tl.topk(flat, KG2)
             kth = tl.min(chosen, axis=0)
@@ -635,12 +638,14 @@ def _row_arg(
     return None, float(value) if dtype.is_floating_point else int(value)
 
 
-def _plan(n_rows: int, n_tiles: int, device: torch.device, config: SamplingConfig) -> tuple[int, int]:
+def _plan(
+    n_rows: int, n_tiles: int, device: torch.device, config: SamplingConfig, min_slices: int
+) -> tuple[int, int]:
     """(slices per row, tiles per slice): enough programs to fill the device, whole tiles per slice."""
     target = config.target_programs
     if target is None:
         target = 4 * _sm_count(device.index or 0) if device.type == "cuda" else 4
-    slices = max(1, min(n_tiles, -(-target // n_rows)))
+    slices = max(1, min(n_tiles, max(min_slices, -(-target // n_rows))))
     tiles_per_slice = -(-n_tiles // slices)
     return -(-n_tiles // tiles_per_slice), tiles_per_slice
 
@@ -733,9 +738,11 @@ def sample_with_flags(
 
     tile = config.tile
     n_tiles = triton.cdiv(vocab, tile)
-    slices, tiles_per_slice = _plan(n_rows, n_tiles, device, config)
+    # With filters, enough slices (or groups per slice) that the slices keep >= gathered_groups groups.
+    min_slices = -(-config.gathered_groups // config.groups_per_split) if filters else 1
+    slices, tiles_per_slice = _plan(n_rows, n_tiles, device, config, min_slices)
     sp = _next_pow2(slices)
-    kg = min(config.groups_per_split, tile // 32)
+    kg = min(tile // 32, max(config.groups_per_split, _next_pow2(-(-config.gathered_groups // slices))))
     kg2 = min(config.gathered_groups, sp * kg)
 
     f32 = dict(dtype=torch.float32, device=device)
@@ -781,7 +788,8 @@ def sample_with_flags(
     )
     _finish_kernel[(n_rows,)](
         *common, seed, batch, vocab, words, *param_args,
-        ws_m, ws_arg, ws_cnt, ws_s, ws_z, ws_gk, ws_drop, ws_score, ws_tok, row_f, row_i, flag, tokens, logprobs,
+        ws_m, ws_arg, ws_cnt, ws_s, ws_z, ws_gk, ws_drop, ws_score, ws_tok,
+        row_f, row_i, flag, tokens, logprobs,
         slices,
         SP=sp, KG=kg, KG2=kg2, FILTER=filters, FORCE_FALLBACK=config.force_fallback, **param_flags,
         num_warps=8 if filters else 4, enable_fp_fusion=False,

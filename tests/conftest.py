@@ -36,3 +36,11 @@ def vocabularies():
     from constrain.assets import load_vocabulary
 
     return load_vocabulary
+
+
+def pytest_configure(config):
+    # One torch thread: the suite's models are small, the mask-filling worker thread needs a core, and on a
+    # shared 2-core machine OpenMP spinning costs more than it gains. CONSTRAIN_TEST_THREADS overrides.
+    import torch
+
+    torch.set_num_threads(int(os.environ.get("CONSTRAIN_TEST_THREADS", "1")))
