@@ -38,7 +38,7 @@ format: install
 # Peers for side-by-side benchmarks (never imported by the engine).
 bench-deps: install
 	$(PIP) --no-deps xgrammar apache-tvm-ffi
-	$(PIP) outlines-core llguidance matplotlib
+	$(PIP) -e '.[test,gpu,bench]'
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -2,7 +2,7 @@
 
 Without CUDA the kernels run through Triton's CPU interpreter (TRITON_INTERPRET=1, set by tests/conftest.py
 before triton is imported), on small shapes; with CUDA the same tests run on the GPU too, plus larger shapes.
-Oracles: bitmasks packed bit by bit in numpy, greedy answers and logprobs from float64 numpy, distributions
+Oracles: bitmasks packed with numpy's packbits, greedy answers and logprobs from float64 numpy, distributions
 checked with scipy's chi-square test (fixed seeds: deterministic), and `masked_sample_torch` (whose semantics
 the kernel reproduces with the same Philox noise, so the tokens themselves must agree).
 
@@ -62,16 +62,15 @@ ALPHA = 1e-3  # chi-square p-value below which a sampled distribution is rejecte
 
 
 def pack_bits(allowed: np.ndarray, padding: np.random.Generator | None = None) -> torch.Tensor:
-    """Pack bool (rows, V) into the int32 ABI bit by bit; `padding` sets random bits at and past V."""
+    """Pack bool (rows, V) into the int32 ABI with numpy's packbits; `padding` sets random bits past V."""
     rows, vocab = allowed.shape
     words = (vocab + 31) // 32
-    packed = np.zeros((rows, words), dtype=np.uint64)
-    for j in range(vocab):
-        packed[:, j // 32] |= allowed[:, j].astype(np.uint64) << np.uint64(j % 32)
+    bits = np.zeros((rows, words * 32), dtype=bool)
+    bits[:, :vocab] = allowed
     if padding is not None:
-        for j in range(vocab, words * 32):
-            packed[:, j // 32] |= padding.integers(0, 2, rows).astype(np.uint64) << np.uint64(j % 32)
-    return torch.from_numpy(packed.astype(np.uint32).view(np.int32).copy())
+        bits[:, vocab:] = padding.random((rows, words * 32 - vocab)) < 0.5
+    packed = np.packbits(bits, axis=1, bitorder="little").view("<u4")  # bit j of word w = token 32 w + j
+    return torch.from_numpy(packed.view(np.int32).copy())
 
 
 def masked64(logits_row: torch.Tensor, allowed_row: np.ndarray) -> np.ndarray:
