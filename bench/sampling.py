@@ -314,7 +314,7 @@ def markdown_table(report: dict) -> str:
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in report["rows"]:
         cells = [r["dtype"], str(r["vocab"]), str(r["batch"])]
-        cells += [f"{r[k]:.1f}" if k in r else "" for k in keys]
+        cells += [(f"{r[k]:.2f}" if r[k] < 10 else f"{r[k]:.1f}") if k in r else "" for k in keys]
         best_ours = r.get("ours_plain_graph_us", r["ours_plain_us"])
         cells.append(f"{best_ours / r['floor_us']:.2f}")
         cells.append(f"{r['torch_us'] / r['ours_filtered_us']:.1f}" if "torch_us" in r else "")
@@ -331,6 +331,7 @@ def plot(report: dict, out_dir: Path) -> list[Path]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    colors = plt.get_cmap("tab20")
     written = []
     for dtype in sorted({r["dtype"] for r in report["rows"]}):
         rows = [r for r in report["rows"] if r["dtype"] == dtype]
@@ -338,14 +339,16 @@ def plot(report: dict, out_dir: Path) -> list[Path]:
         fig, axes = plt.subplots(1, len(vocabs), figsize=(5 * len(vocabs), 4), squeeze=False)
         for ax, vocab in zip(axes[0], vocabs, strict=True):
             sel = sorted((r for r in rows if r["vocab"] == vocab), key=lambda r: r["batch"])
-            for key, name in COLUMNS:
+            for n, (key, name) in enumerate(COLUMNS):
                 if any(key in r for r in sel):
                     pts = [(r["batch"], r[key]) for r in sel if key in r]
-                    ax.plot(*zip(*pts, strict=True), marker="o", label=name)
+                    style = dict(color="black", linewidth=2.5) if key == "floor_us" else dict(color=colors(n))
+                    style["linestyle"] = "--" if "graph" in key else "-"
+                    ax.plot(*zip(*pts, strict=True), marker="o", markersize=3, label=name, **style)
             ax.set(xscale="log", yscale="log", xlabel="batch B", ylabel="µs per call", title=f"V = {vocab}")
             ax.grid(True, which="both", alpha=0.3)
         axes[0][0].legend(fontsize=7)
-        fig.suptitle(f"Masked sampling, {dtype} logits, {report['device']}")
+        fig.suptitle(f"Masked sampling, {dtype} logits, {report['device']} (dashed: CUDA graph replay)")
         fig.tight_layout()
         path = out_dir / f"sampling_{dtype}.png"
         fig.savefig(path, dpi=110)

@@ -31,12 +31,12 @@ from typing import Any
 
 import numpy as np
 
-from constrain.errors import ConstraintError, SpecError, UnsupportedError
+from constrain.errors import CompileLimitError, ConstraintError, SpecError, UnsupportedError
 
 from .cfg import GrammarConstraint
 from .dfa import ByteDFA, minimize
 from .earley import GrammarIR, Rule, Terminal
-from .terminals import pattern_dfa
+from .terminals import MAX_DFA_STATES, pattern_dfa
 
 ANNOTATIONS = {
     "title",
@@ -136,14 +136,15 @@ _LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
 FORMATS = {
     "date": _DATE,
     "time": _TIME,
-    "date-time": rf"{_DATE}[tT ]{_TIME}",
+    "date-time": rf"{_DATE}[tT]{_TIME}",
     "uuid": r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}",
     "ipv4": _IPV4,
     "ipv6": _IPV6,
     "hostname": rf"{_LABEL}(?:\.{_LABEL})*",
     "email": r"[A-Za-z0-9.!#$%&'*+/=?^_`{|}~-]+@[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
     r"(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*",
-    "uri": r"[A-Za-z][A-Za-z0-9+.-]*:[^\x00-\x20\"<>\\^`{|}]*",
+    "uri": r"[A-Za-z][A-Za-z0-9+.-]*:[^\x00-\x20\"<>\\^`{|}\x7f-\U0010ffff]*",
+    "iri": r"[A-Za-z][A-Za-z0-9+.-]*:[^\x00-\x20\"<>\\^`{|}]*",
 }
 
 
@@ -402,24 +403,72 @@ class _Lowering:
         return kind in types or (kind == "integer" and "number" in types)
 
     def disjoint(self, subs: list, where: str) -> bool:
-        """True if every branch declares types and no two branches share one (so at most one matches)."""
-        seen: set[str] = set()
-        for sub in subs:
-            if isinstance(sub, dict) and "$ref" in sub and len(sub) == 1:
-                sub = self.resolve(sub["$ref"], where)
-            if (
-                not isinstance(sub, dict)
-                or "type" not in sub
-                or any(k in sub for k in ("anyOf", "oneOf", "allOf"))
-            ):
-                return False
-            types = {sub["type"]} if isinstance(sub["type"], str) else set(sub["type"])
-            if "number" in types:
-                types.add("integer")
-            if types & seen:
-                return False
-            seen |= types
+        """True if no value can match two of the branches (so `oneOf` is the same as `anyOf`): their JSON types
+        are disjoint, or both are objects that require a property with disjoint const/enum values."""
+        flat = [self.deref(sub, where) for sub in subs]
+        kinds = [self.kinds(sub, where) for sub in flat]
+        for i in range(len(flat)):
+            for j in range(i):
+                a, b = kinds[i], kinds[j]
+                if a is not None and b is not None and not (a & b):
+                    continue
+                if not self.discriminated(flat[i], flat[j], where):
+                    return False
         return True
+
+    def deref(self, sub: Any, where: str) -> Any:
+        for _ in range(50):
+            if isinstance(sub, dict) and "$ref" in sub:
+                rest = {k: v for k, v in sub.items() if k != "$ref" and k in HANDLED | UNSUPPORTED}
+                target = self.resolve(sub["$ref"], where)
+                sub = self.merge([rest, target], where) if rest else target
+            else:
+                return sub
+        raise SpecError(f"$ref chain too long at {where}")
+
+    def kinds(self, sub: Any, where: str, depth: int = 0) -> set[str] | None:
+        """The JSON types a schema can match (None = any, or unknown)."""
+        sub = self.deref(sub, where)
+        if sub is False:
+            return set()
+        if not isinstance(sub, dict) or depth > 20:
+            return None
+        out: set[str] | None = None
+        if "const" in sub:
+            out = {_json_type(sub["const"])}
+        elif "enum" in sub and isinstance(sub["enum"], list):
+            out = {_json_type(v) for v in sub["enum"]}
+        if "type" in sub:
+            t = {sub["type"]} if isinstance(sub["type"], str) else set(sub["type"])
+            out = t if out is None else out & (t | ({"integer"} if "number" in t else set()))
+        for key in ("anyOf", "oneOf"):
+            if isinstance(sub.get(key), list):
+                parts = [self.kinds(x, where, depth + 1) for x in sub[key]]
+                union = None if any(p is None for p in parts) else set().union(*parts)
+                out = union if out is None else (out if union is None else out & union)
+        if out is not None and "number" in out:
+            out = out | {"integer"}
+        return out
+
+    def discriminated(self, a: Any, b: Any, where: str) -> bool:
+        """Both schemas are objects requiring some property whose const/enum values differ."""
+        if not (isinstance(a, dict) and isinstance(b, dict)):
+            return False
+        pa, pb = a.get("properties", {}), b.get("properties", {})
+        for name in set(a.get("required", [])) & set(b.get("required", [])):
+            va, vb = self.values_of(pa.get(name), where), self.values_of(pb.get(name), where)
+            if va is not None and vb is not None and not any(x == y for x in va for y in vb):
+                return True
+        return False
+
+    def values_of(self, sub: Any, where: str) -> list | None:
+        sub = self.deref(sub, where)
+        if isinstance(sub, dict):
+            if "const" in sub:
+                return [sub["const"]]
+            if isinstance(sub.get("enum"), list):
+                return sub["enum"]
+        return None
 
     def merge(self, schemas: list, where: str) -> dict:
         """The conjunction of schemas, when it is a plain merge (no keyword set twice to different values)."""
@@ -582,17 +631,31 @@ class _Lowering:
                 raise SpecError(f"{k} at {where} must be a non-negative integer, got {v!r}")
         count = "*" if not lo and hi is None else f"{{{lo},{'' if hi is None else hi}}}"
         fmt = schema.get("format")
+        if fmt is not None and fmt not in FORMATS:
+            self.unsupported("format", where, f" (unknown format {fmt!r})")
+            fmt = None
+        parts = []  # each a regex for the whole JSON string; the value must match all of them
         if "pattern" in schema:
-            if fmt in FORMATS:
-                self.unsupported("pattern", where, " (together with format)")
-            if lo or hi is not None:
-                self.unsupported("pattern", where, " (together with minLength/maxLength)")
-            return [(self.term('"' + self.json_pattern(schema["pattern"], where) + '"'),)]
-        if fmt in FORMATS:
-            if lo or hi is not None:
-                self.unsupported("format", where, " (together with minLength/maxLength)")
-            return [(self.term('"' + FORMATS[fmt] + '"'),)]
-        return [(self.term('"' + _CHAR + count + '"'),)]
+            parts.append('"' + self.json_pattern(schema["pattern"], where) + '"')
+        if fmt is not None:
+            parts.append('"' + FORMATS[fmt] + '"')
+        if count != "*" or not parts:
+            parts.append('"' + _CHAR + count + '"')
+        if len(parts) == 1:
+            return [(self.term(parts[0]),)]
+        return [(self.intersection(parts),)]
+
+    def intersection(self, patterns: list[str]) -> str:
+        """A terminal for the strings every pattern matches (a DFA product: Python regex has no `and`)."""
+        key = "\x00and:" + json.dumps(patterns)
+        name = self.terminals.get(key)
+        if name is None:
+            name = self.terminals[key] = f"T{len(self.terminals)}"
+            dfa = pattern_dfa(patterns[0], 0, "string")
+            for p in patterns[1:]:
+                dfa = product_dfa(dfa, pattern_dfa(p, 0, "string"), "and")
+            self.dfas[key] = dfa
+        return name
 
     def json_pattern(self, pattern: Any, where: str) -> str:
         """The regex, over JSON string *content*, of strings that contain a match of `pattern` (re.search)."""
@@ -733,12 +796,17 @@ class _Lowering:
         if name is None:
             name = self.terminals[key] = f"T{len(self.terminals)}"
             names_dfa = pattern_dfa("|".join(string_literal_regex(n) for n in names), 0, "property names")
-            self.dfas[key] = difference_dfa(pattern_dfa('"' + _CHAR + '*"', 0, "string"), names_dfa)
+            self.dfas[key] = product_dfa(pattern_dfa('"' + _CHAR + '*"', 0, "string"), names_dfa, "minus")
         return name
 
 
-def difference_dfa(a: ByteDFA, b: ByteDFA) -> ByteDFA:
-    """The minimal DFA of L(a) minus L(b) (product construction, then minimisation)."""
+def product_dfa(a: ByteDFA, b: ByteDFA, mode: str) -> ByteDFA:
+    """The minimal DFA of L(a) minus L(b) (`mode="minus"`) or L(a) and L(b) (`"and"`), by product construction.
+
+    Raises `CompileLimitError` past `MAX_DFA_STATES` product states.
+    """
+    if a.start < 0 or (mode == "and" and b.start < 0):
+        return ByteDFA.empty()
     start = (a.start, b.start)
     ids = {start: 0}
     pairs = [start]
@@ -752,17 +820,23 @@ def difference_dfa(a: ByteDFA, b: ByteDFA) -> ByteDFA:
         row = np.full(256, -1, dtype=np.int32)
         for byte in range(256):
             p2 = int(ta[byte])
-            if p2 < 0:
+            q2 = int(tb[byte])
+            if p2 < 0 or (mode == "and" and q2 < 0):
                 continue
-            key = (p2, int(tb[byte]))
+            key = (p2, q2)
             j = ids.get(key)
             if j is None:
+                if len(pairs) >= MAX_DFA_STATES:
+                    raise CompileLimitError(f"a product of string automata needs more than {MAX_DFA_STATES} states")
                 j = ids[key] = len(pairs)
                 pairs.append(key)
             row[byte] = j
         rows.append(row)
         i += 1
-    accepting = np.asarray([bool(a.accepting[p]) and not (q >= 0 and b.accepting[q]) for p, q in pairs])
+    if mode == "and":
+        accepting = np.asarray([bool(a.accepting[p]) and q >= 0 and bool(b.accepting[q]) for p, q in pairs])
+    else:
+        accepting = np.asarray([bool(a.accepting[p]) and not (q >= 0 and b.accepting[q]) for p, q in pairs])
     return minimize(np.stack(rows), accepting, 0, np.arange(256))
 
 

@@ -508,16 +508,14 @@ class TriggerMatcher(Matcher):
         token = self.vocab.check_token(token)
         c = self._c
         state, mode, seg = self._states[-1]
-        if mode == DONE:
-            return False
         if token in self.vocab.eos_ids:
-            if not self.is_accepting():
-                return False
+            if mode != DONE and not self.is_accepting():
+                return False  # (a terminated matcher allows only EOS and keeps accepting it, as the others)
             if mode == INNER:
                 self._close(seg)
             self._push(token, state, DONE, -1)
             return True
-        if mode == STOPPED:
+        if mode == STOPPED or mode == DONE:
             return False
         data = c._text[token] if token < self.vocab.n_tokens else b""
         if mode == INNER:

@@ -46,10 +46,11 @@ __all__ = [
     "with_config",
 ]
 
-_NEG_INF = float("-inf")
-_INT32_MAX = 2147483647
-# Group key of "no group": ordered key of -inf in the high word, group id 0x7FFFFFFF (never valid) in the low.
-_PAD_KEY = -2139095041 * 2**32
+# "No token" in argmin reductions over token ids (larger than any id).
+NO_TOKEN = tl.constexpr(2147483647)
+# Group key of "no group" (see `_group_key`): the ordered key of -inf in the high word, group id 0x7FFFFFFF
+# (never valid) in the low word; below the key of every real group.
+PAD_KEY = tl.constexpr(-2139095041 * 2**32)
 
 
 @dataclass(frozen=True)
@@ -217,20 +218,20 @@ def _pass_kernel(
     seed = tl.load(seed_ptr + row)
 
     run_m = float("-inf")
-    run_arg = 2147483647
+    run_arg = NO_TOKEN
     run_s = 0.0  # sum exp(x - run_m), for logprobs
     run_z = 0.0  # sum exp((x - run_m) / T), the tempered mass, for top-p
     cnt = 0
-    keys = tl.full((KG,), -9187343239835811840, tl.int64)
-    run_drop = tl.full((), -9187343239835811840, tl.int64) if FILTER else 0
+    keys = tl.full((KG,), PAD_KEY, tl.int64)
+    run_drop = tl.full((), PAD_KEY, tl.int64) if FILTER else 0
     best = float("-inf")  # race: best score y - log(E) so far, y = x / T
-    best_tok = 2147483647
+    best_tok = NO_TOKEN
     for i in range(TPS):
         tile = split * TPS + i
         x, tok = _load_tile(lrow_ptr, mrow_ptr, tile, V, W, TILE)
         gmax = tl.max(x, axis=1)
         tmax = tl.max(gmax, axis=0)
-        targ = tl.min(tl.min(tl.where(x == tmax, tok, 2147483647), axis=1), axis=0)
+        targ = tl.min(tl.min(tl.where(x == tmax, tok, NO_TOKEN), axis=1), axis=0)
         # Strictly greater: on ties the earlier tile (lower ids) keeps the argmax.
         run_arg = tl.where((tmax > run_m) & (tmax > float("-inf")), targ, run_arg)
         cnt += tl.sum(tl.sum((x > float("-inf")).to(tl.int32), axis=1), axis=0)
@@ -248,8 +249,8 @@ def _pass_kernel(
             both = tl.reshape(tl.join(keys, top), [2 * KG])
             keys = tl.topk(both, KG)
             dropped = tl.maximum(
-                tl.max(tl.where(gkey < tl.min(top, axis=0), gkey, -9187343239835811840), axis=0),
-                tl.max(tl.where(both < tl.min(keys, axis=0), both, -9187343239835811840), axis=0),
+                tl.max(tl.where(gkey < tl.min(top, axis=0), gkey, PAD_KEY), axis=0),
+                tl.max(tl.where(both < tl.min(keys, axis=0), both, PAD_KEY), axis=0),
             )
             run_drop = tl.maximum(run_drop, dropped)
         run_m = new_m
@@ -262,17 +263,17 @@ def _pass_kernel(
             zero = tl.zeros_like(tok)
             bits, _, _, _ = tl.philox(seed, tok, zero, zero, zero)
             upper = (bits >> 31) != 0
-            # Cheap necessary test (no per-token log): with the top bit set E >= xlow, the low bits' top 23
-            # bits as a fraction (exact float32, no conversion instruction), so y - log(E) >= bar needs
-            # xlow <= exp(y - bar) <= exp(group max y - bar); with it clear E >= log 2, so y + 0.3666 >= bar.
+            # Cheap necessary test (no log, no int-to-float conversion): with the top bit set E >= xlow, the
+            # low bits' top 23 bits as a fraction (exact in float32), so y - log(E) >= bar needs
+            # xlow <= exp(y - bar); with it clear E >= log 2, so it needs y + 0.3666 >= bar.
             low23 = ((bits & 0x7FFFFFFF) >> 8) | 0x4B000000
             xlow = (low23.to(tl.float32, bitcast=True) - 8388608.0) * 5.960464477539063e-08
-            glim = tl.exp(tl.where(gmax > float("-inf"), gmax * inv_t - bar, float("-inf")))
-            maybe = tl.where(upper, xlow <= glim[:, None], y + 0.3666 >= bar) & (x > float("-inf"))
+            lim = tl.exp(tl.where(x > float("-inf"), y - bar, float("-inf")))
+            maybe = tl.where(upper, xlow <= lim, y + 0.3666 >= bar) & (x > float("-inf"))
             if tl.max(tl.max(maybe.to(tl.int32), axis=1), axis=0) != 0:
                 score = tl.where(x > float("-inf"), y - _log_exponential_of_bits(bits), float("-inf"))
                 tile_best = tl.max(tl.max(score, axis=1), axis=0)
-                tile_tok = tl.min(tl.min(tl.where(score == tile_best, tok, 2147483647), axis=1), axis=0)
+                tile_tok = tl.min(tl.min(tl.where(score == tile_best, tok, NO_TOKEN), axis=1), axis=0)
                 better = tile_best > best
                 best_tok = tl.where(better, tile_tok, best_tok)
                 best = tl.where(better, tile_best, best)
@@ -349,12 +350,12 @@ def _finish_kernel(
     cnt = tl.sum(tl.load(ws_cnt_ptr + row * S + s, mask=live, other=0), axis=0)
     if T > 0:
         scores = tl.load(ws_score_ptr + row * S + s, mask=live, other=float("-inf"))
-        toks = tl.load(ws_tok_ptr + row * S + s, mask=live, other=2147483647)
+        toks = tl.load(ws_tok_ptr + row * S + s, mask=live, other=NO_TOKEN)
         best = tl.max(scores, axis=0)
-        tok = tl.min(tl.where(scores == best, toks, 2147483647), axis=0)
+        tok = tl.min(tl.where(scores == best, toks, NO_TOKEN), axis=0)
     else:
-        args = tl.load(ws_arg_ptr + row * S + s, mask=live, other=2147483647)
-        tok = tl.min(tl.where(ms == M, args, 2147483647), axis=0)
+        args = tl.load(ws_arg_ptr + row * S + s, mask=live, other=NO_TOKEN)
+        tok = tl.min(tl.where(ms == M, args, NO_TOKEN), axis=0)
     tok = tl.where(empty, -1, tok)
 
     lse = float("-inf")
@@ -386,15 +387,13 @@ def _finish_kernel(
             gk = tl.load(
                 ws_gk_ptr + (row * S + s[:, None]) * KG + tl.arange(0, KG)[None, :],
                 mask=live[:, None],
-                other=-9187343239835811840,
+                other=PAD_KEY,
             )
-            drop_key = tl.max(
-                tl.load(ws_drop_ptr + row * S + s, mask=live, other=-9187343239835811840), axis=0
-            )
+            drop_key = tl.max(tl.load(ws_drop_ptr + row * S + s, mask=live, other=PAD_KEY), axis=0)
             flat = tl.reshape(gk, [SP * KG])
             chosen = tl.topk(flat, KG2)
             kth = tl.min(chosen, axis=0)
-            rest_key = tl.max(tl.where(flat < kth, flat, -9187343239835811840), axis=0)
+            rest_key = tl.max(tl.where(flat < kth, flat, PAD_KEY), axis=0)
             u_x = _value_of_key(tl.maximum(drop_key, rest_key))
             u_t = tl.math.div_rn(u_x - M, T)
             u_e = tl.exp(u_t)
@@ -446,7 +445,7 @@ def _finish_kernel(
             seed = tl.load(seed_ptr + row)
             score2 = tl.where(keep2, t2 - _log_exponential(seed, tok2), float("-inf"))
             best2 = tl.max(tl.max(score2, axis=1), axis=0)
-            tok_c = tl.min(tl.min(tl.where(score2 == best2, tok2, 2147483647), axis=1), axis=0)
+            tok_c = tl.min(tl.min(tl.where(score2 == best2, tok2, NO_TOKEN), axis=1), axis=0)
 
             # Otherwise: if the unfiltered winner provably survives the filters it is the answer (the race
             # over a subset that contains the overall winner has the same winner); if not, the row is flagged.
@@ -579,14 +578,14 @@ def _fallback_kernel(
         tok = w
         if (t_w < t_k) | (tl.exp(t_w) < e_floor):
             best = float("-inf")
-            tok = 2147483647
+            tok = NO_TOKEN
             for tile in range(NT):
                 x, toks = _load_tile(lrow_ptr, mrow_ptr, tile, V, W, TILE)
                 t = tl.math.div_rn(x - M, T)
                 keep = (x > float("-inf")) & (t >= t_k) & (tl.exp(t) >= e_floor)
                 score = tl.where(keep, t - _log_exponential(seed, toks), float("-inf"))
                 tile_best = tl.max(tl.max(score, axis=1), axis=0)
-                tile_tok = tl.min(tl.min(tl.where(score == tile_best, toks, 2147483647), axis=1), axis=0)
+                tile_tok = tl.min(tl.min(tl.where(score == tile_best, toks, NO_TOKEN), axis=1), axis=0)
                 better = tile_best > best
                 tok = tl.where(better, tile_tok, tok)
                 best = tl.where(better, tile_best, best)
@@ -738,8 +737,9 @@ def sample_with_flags(
 
     tile = config.tile
     n_tiles = triton.cdiv(vocab, tile)
-    # With filters, enough slices (or groups per slice) that the slices keep >= gathered_groups groups.
-    min_slices = -(-config.gathered_groups // config.groups_per_split) if filters else 1
+    # With filters, enough slices that together they keep twice the groups the finisher gathers: a slice
+    # holding more of the row's best groups than it keeps would raise the bound u and cost a fallback.
+    min_slices = -(-2 * config.gathered_groups // config.groups_per_split) if filters else 1
     slices, tiles_per_slice = _plan(n_rows, n_tiles, device, config, min_slices)
     sp = _next_pow2(slices)
     kg = min(tile // 32, max(config.groups_per_split, _next_pow2(-(-config.gathered_groups // slices))))

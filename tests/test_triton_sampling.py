@@ -54,7 +54,7 @@ pytestmark = pytest.mark.filterwarnings(
     "ignore:invalid value encountered:RuntimeWarning",
     "ignore:divide by zero encountered:RuntimeWarning",
 )
-FEW = settings(max_examples=6 if not CUDA else 25, deadline=None, suppress_health_check=list(HealthCheck))
+FEW = settings(max_examples=6 if not CUDA else 10, deadline=None, suppress_health_check=list(HealthCheck))
 ALPHA = 1e-3  # chi-square p-value below which a sampled distribution is rejected
 
 
