@@ -57,13 +57,13 @@ PAD_KEY = tl.constexpr(-2139095041 * 2**32)
 class SamplingConfig:
     """Launch parameters (performance only: every choice gives the same tokens).
 
-    tile: tokens per tile, a power of two >= 64 (the unit of loads, of pruning and of group selection).
+    tile: tokens per tile, a power of two >= 64 (the unit of loads, of the race's skip test, of groups).
     target_programs: aim for about this many programs per launch when choosing the slices per row
         (None: 4 per streaming multiprocessor on CUDA, 4 on the CPU interpreter).
     groups_per_split: best 32-token groups each slice keeps for the filters (power of two, <= tile / 32).
     gathered_groups: best groups the finisher gathers and sorts per filtered row (power of two).
-    num_warps: warps per program of kernels A and B.
-    force_fallback: send every filtered row to the exact bisection kernel (tests compare both paths).
+    num_warps: warps per program of the pass and fallback kernels.
+    force_fallback: send every filtered row to the exact fallback kernel (tests compare both paths).
     """
 
     tile: int = 2048
