@@ -67,6 +67,10 @@ class Ours(Engine):
         self.constrain = constrain
         self.json_schema = json_schema
         self.buf = np.zeros((1, (self.n_vocab + 31) // 32), dtype=np.int32)
+        # Tokenizer-level preparation, outside the timings as the peers' tokenizer set-up is: the vocabulary
+        # trie, and the numba kernels' first load.
+        _ = vocab.trie
+        self.mask(self.compile({"type": "string"}))
 
     def compile(self, schema):
         return self.json_schema(schema).compile(self.vocab).matcher()

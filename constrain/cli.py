@@ -25,7 +25,7 @@ from typing import Any
 
 from .errors import ConstraintError
 
-PLUGIN_MODULES: tuple[str, ...] = ("constrain.index.cli",)
+PLUGIN_MODULES: tuple[str, ...] = ("constrain.index.cli", "constrain.index.qa")
 """Modules whose `register(subparsers)` adds subcommands (e.g. `index ...`, `qa ...`); add more here."""
 
 
@@ -168,7 +168,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import main as demo_main
 
     _set_threads(args.threads)
-    return demo_main(max_new_tokens=args.max_new_tokens)
+    return demo_main(max_new_tokens=args.max_new_tokens, qa=not args.no_qa)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -228,8 +228,10 @@ def build_parser() -> argparse.ArgumentParser:
         "demo",
         help="constrained vs unconstrained generation side by side (SmolLM2, offline)",
         description="Runs SmolLM2-135M-Instruct on a few prompts with and without a constraint and shows "
-        "which outputs match their regex.",
+        "which outputs match their regex; then answers questions with and without a fact index, marking "
+        "which stated facts are true (in the index).",
     )
+    demo.add_argument("--no-qa", action="store_true", help="skip the knowledge-grounded QA part")
     demo.add_argument("--max-new-tokens", type=int, default=32, help="per output (default 32)")
     demo.add_argument(
         "--threads",

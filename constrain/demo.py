@@ -78,8 +78,9 @@ def _one_line(text: str, width: int) -> str:
     return textwrap.shorten(flat, width=width, placeholder=" ...") if flat else "(empty)"
 
 
-def main(max_new_tokens: int = 32, out=None) -> int:
-    """Load SmolLM2 offline, run every example constrained and unconstrained, print a report; returns 0."""
+def main(max_new_tokens: int = 32, out=None, *, qa: bool = True) -> int:
+    """Load SmolLM2 offline, run every example constrained and unconstrained, print a report; then (with `qa`)
+    the knowledge-grounded QA demo, where facts must come from a fact index. Returns 0."""
     from .assets import load_model
 
     out = out or sys.stdout
@@ -126,6 +127,13 @@ def main(max_new_tokens: int = 32, out=None) -> int:
         f"({sum(len(g.token_ids) for g in generations)} tokens).",
         file=out,
     )
+    if qa:
+        from .index.qa import qa_demo
+
+        print(
+            "\n== knowledge-grounded QA: 'Fact:' lines must be facts of the airports/countries base", file=out
+        )
+        qa_demo(out=out)
     return 0
 
 

@@ -30,6 +30,7 @@ from .lexer import Lexer, lexer_for, root_frontier
 FRESH = -2  # lexer position of a thread that has read no byte of its current lexeme
 MAX_THREADS = 512  # lexically ambiguous threads kept per position
 MAX_FILL_STEPS = 200_000  # (parser state, frontier) pairs visited by one mask fill
+MAX_FILL_NODES = 50_000_000  # trie nodes walked (uncached walks) by one mask fill, ~ a few seconds
 
 Thread = tuple[EarleyState, "LexerView", int]
 
@@ -127,6 +128,7 @@ def fill_words(cg: CompiledGrammar, vocab: Vocabulary, threads: tuple[Thread, ..
     stack = [(state, view, pos, root) for state, view, pos in threads]
     seen: set[tuple[int, int, int, int]] = set()
     steps = 0
+    nodes = 0
     while stack:
         state, view, pos, frontier = stack.pop()
         key = (id(state), id(view), pos, id(frontier))
@@ -136,7 +138,15 @@ def fill_words(cg: CompiledGrammar, vocab: Vocabulary, threads: tuple[Thread, ..
         steps += 1
         if steps > MAX_FILL_STEPS:
             raise CompileLimitError(f"a mask needed more than {MAX_FILL_STEPS} parser/trie steps")
+        cached = (id(view.lexer), 0 if pos == FRESH else pos) in frontier.cache
         result = frontier.walk(view.lexer, 0 if pos == FRESH else pos, vocab)
+        if not cached:
+            nodes += result.visited
+            if nodes > MAX_FILL_NODES:
+                raise CompileLimitError(
+                    f"a mask needed more than {MAX_FILL_NODES} trie nodes walked (a grammar where lexemes "
+                    "can end almost anywhere, e.g. two identifiers side by side?)"
+                )
         result.apply(out)
         closed = cg.grammar.closed_ignore
         for local, child in result.groups:
@@ -255,6 +265,52 @@ class GrammarMatcher(Matcher):
             return False
         self._history.append((threads, False))
         return True
+
+    def next_bytes(self) -> np.ndarray:
+        """Bool (256,): the bytes that can come next (each keeps some lexer thread alive, hence viable)."""
+        out = np.zeros(256, dtype=bool)
+        if self.is_terminated():
+            return out
+        for _, view, pos in self.threads:
+            out |= view.lexer.transitions[0 if pos == FRESH else pos] >= 0
+        return out
+
+    def forced_bytes(self, max_bytes: int = 256) -> bytes:
+        """Jump-forward: the bytes every continuation must start with (empty if EOS or a choice comes first).
+
+        The state is unchanged. At most `max_bytes` are returned.
+        """
+        probe = self.fork()
+        out = bytearray()
+        while len(out) < max_bytes and not probe.is_accepting():
+            nxt = np.flatnonzero(probe.next_bytes())
+            if len(nxt) != 1:
+                break
+            out.append(int(nxt[0]))
+            probe.accept_bytes(bytes(out[-1:]))
+        return bytes(out)
+
+    def forced_tokens(self, max_bytes: int = 256) -> list[int]:
+        """Jump-forward tokens: the forced bytes split greedily (longest token first), without the last token,
+        which a longer token reaching past the forced bytes could span (so the tokenization at the boundary
+        stays the model's choice). Every returned token is accepted in order from the current state."""
+        data = self.forced_bytes(max_bytes)
+        longest = self.vocab.trie.max_depth
+        tokens: list[int] = []
+        i = 0
+        while i < len(data):
+            for n in range(min(longest, len(data) - i), 0, -1):
+                try:
+                    t = self.vocab.token_id(data[i : i + n])
+                except KeyError:
+                    continue
+                if t not in self.vocab.special_ids:
+                    tokens.append(t)
+                    i += n
+                    break
+            else:
+                return tokens[:-1]  # a byte no token spells alone: stop before it
+        return tokens[:-1]
 
     def rollback(self, n: int = 1) -> None:
         self._check_rollback(n, len(self._history) - 1)

@@ -63,6 +63,7 @@ ANNOTATIONS = {
 # Validation keywords, by the type they apply to (anything else is an annotation or unknown: ignored).
 HANDLED = {
     "type",
+    "patternProperties",
     "enum",
     "const",
     "properties",
@@ -101,7 +102,6 @@ UNSUPPORTED = {
     "multipleOf",
     "minProperties",
     "maxProperties",
-    "patternProperties",
     "propertyNames",
     "unevaluatedProperties",
     "unevaluatedItems",
@@ -144,12 +144,15 @@ FORMATS = {
     "email": r"[A-Za-z0-9.!#$%&'*+/=?^_`{|}~-]+@[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
     r"(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*",
     "uri": r"[A-Za-z][A-Za-z0-9+.-]*:[^\x00-\x20\"<>\\^`{|}\x7f-\U0010ffff]*",
+    "uri-reference": r"[^\x00-\x20\"<>\\^`{|}\x7f-\U0010ffff]*",
+    "byte": r"(?:[A-Za-z0-9+/]{4})*(?:[A-Za-z0-9+/]{2}==|[A-Za-z0-9+/]{3}=)?",  # base64 (OpenAPI)
     "iri": r"[A-Za-z][A-Za-z0-9+.-]*:[^\x00-\x20\"<>\\^`{|}]*",
 }
 
 
 def _char_regex(c: str) -> str:
-    """The JSON spellings of one character inside a string: itself (if allowed bare) or its escapes."""
+    """The JSON spellings of one character inside a string: itself (if allowed bare) or its escapes (no
+    `\\u00XX` escapes of printable ASCII: see below)."""
     code = ord(c)
     options = []
     if c not in '"\\' and code >= 0x20:
@@ -166,6 +169,10 @@ def _char_regex(c: str) -> str:
     }
     if c in short:
         options.append(short[c])
+    if 0x20 <= code < 0x7F and c not in '"\\':
+        # printable ASCII is spelled as itself (and "/" also as "\/"), not as \u00XX: a deliberate restriction
+        # that keeps keys and enum values forced for jump-forward; json.dumps never writes those escapes
+        return options[0] if len(options) == 1 else "(?:" + "|".join(options) + ")"
     units = (
         [code] if code < 0x10000 else [0xD800 + ((code - 0x10000) >> 10), 0xDC00 + ((code - 0x10000) & 0x3FF)]
     )
@@ -403,7 +410,7 @@ class _Lowering:
         return kind in types or (kind == "integer" and "number" in types)
 
     def disjoint(self, subs: list, where: str) -> bool:
-        """True if no value can match two of the branches (so `oneOf` is the same as `anyOf`): their JSON types
+        """True if no value can match two of the branches (then `oneOf` is `anyOf`): their JSON types
         are disjoint, or both are objects that require a property with disjoint const/enum values."""
         flat = [self.deref(sub, where) for sub in subs]
         kinds = [self.kinds(sub, where) for sub in flat]
@@ -665,14 +672,7 @@ class _Lowering:
             re.compile(pattern)
         except re.error as exc:
             raise SpecError(f"pattern at {where}: {exc.msg}", source=pattern, position=exc.pos) from exc
-        body = pattern
-        head = tail = f"{_CHAR}*"
-        if body.startswith("^"):
-            body, head = body[1:], ""
-        if body.endswith("$") and not body.endswith("\\$"):
-            # as in Python's re.search (which jsonschema uses), "$" also matches before a final newline
-            body, tail = body[:-1], "(?:" + _char_regex("\n") + ")?"
-        return head + "(?:" + _json_escape_regex(body, self, where) + ")" + tail
+        return _json_escape_regex(pattern, self, where)
 
     def type_array(self, schema: dict, where: str) -> list[tuple[str, ...]]:
         prefix = schema.get("prefixItems")
@@ -739,8 +739,15 @@ class _Lowering:
         if not isinstance(required, list):
             raise SpecError(f"required at {where} must be a list")
         extra = schema.get("additionalProperties", True)
+        patterns = schema.get("patternProperties") or {}
+        if not isinstance(patterns, dict):
+            raise SpecError(f"patternProperties at {where} must be an object")
+        if len(patterns) > 1:
+            self.unsupported("patternProperties", where, " (more than one pattern)")
+            patterns = {}
+        pattern = next(iter(patterns.items()), None)
         missing = [r for r in required if r not in props]
-        if missing and extra is False:
+        if missing and extra is False and pattern is None:
             return []  # a required property that can never appear
         names = list(props)
         lb, rb, comma, colon = self.punct("{"), self.punct("}"), self.punct(","), self.punct(":")
@@ -748,12 +755,31 @@ class _Lowering:
         for r in missing:
             names.append(r)
         schemas = {n: props.get(n, extra if extra is not None else True) for n in names}
+        if pattern is not None:  # a name the pattern matches must also satisfy the pattern's schema
+            for n in names:
+                if re.search(pattern[0], n):
+                    base = props[n] if n in props else True
+                    schemas[n] = {"allOf": [base, pattern[1]]}
+                    self.keep.append(schemas[n])
         required_set = set(required)
         extra_pair = None
-        if extra is not False:
-            key = self.other_key(names)
+        extra_keys = []  # (key terminal, value schema, where) for properties not in `names`
+        if pattern is None:
+            if extra is not False:
+                extra_keys.append((self.other_key(names), extra, f"{where}/additionalProperties"))
+        else:
+            matching = '"' + self.json_pattern(pattern[0], f"{where}/patternProperties") + '"'
+            tag = json.dumps([sorted(names), pattern[0]])
+            extra_keys.append(
+                (self.key_class("match", tag, names, matching), pattern[1], f"{where}/patternProperties")
+            )
+            if extra is not False:
+                rest_key = self.key_class("nomatch", tag, names, matching)
+                extra_keys.append((rest_key, extra, f"{where}/additionalProperties"))
+        if extra_keys:
             extra_pair = self.fresh("extra")
-            self.rule(extra_pair, key, colon, self.value(extra, f"{where}/additionalProperties"))
+            for key, value_schema, at in extra_keys:
+                self.rule(extra_pair, key, colon, self.value(value_schema, at))
         memo: dict[tuple[int, bool], str | None] = {}
 
         def rest(i: int, emitted: bool) -> str | None:
@@ -787,11 +813,33 @@ class _Lowering:
         body = rest(0, False)
         return [(lb, body, rb)]
 
+    def key_class(self, kind: str, tag: str, names: list[str], matching: str) -> str:
+        """A terminal for keys not in `names` that match (`kind="match"`) or do not match the JSON-string
+        regex `matching` (a pattern property's keys, and the rest)."""
+        key = f"\x00key-{kind}:" + tag
+        name = self.terminals.get(key)
+        if name is None:
+            name = self.terminals[key] = f"T{len(self.terminals)}"
+            others = self.dfas.get(self.other_key_key(names)) if names else None
+            if others is None:
+                self.other_key(names)
+                others = self.dfas.get(self.other_key_key(names)) or pattern_dfa(
+                    '"' + _CHAR + '*"', 0, "string"
+                )
+            self.dfas[key] = product_dfa(
+                others, pattern_dfa(matching, 0, "key pattern"), "and" if kind == "match" else "minus"
+            )
+        return name
+
+    @staticmethod
+    def other_key_key(names: list[str]) -> str:
+        return "\x00json-string-except:" + json.dumps(sorted(names))
+
     def other_key(self, names: list[str]) -> str:
         """A terminal for JSON strings that decode to none of `names` (a DFA difference: no regex for it)."""
         if not names:
             return self.term('"' + _CHAR + '*"')
-        key = "\x00json-string-except:" + json.dumps(sorted(names))
+        key = self.other_key_key(names)
         name = self.terminals.get(key)
         if name is None:
             name = self.terminals[key] = f"T{len(self.terminals)}"
@@ -801,7 +849,7 @@ class _Lowering:
 
 
 def product_dfa(a: ByteDFA, b: ByteDFA, mode: str) -> ByteDFA:
-    """The minimal DFA of L(a) minus L(b) (`mode="minus"`) or L(a) and L(b) (`"and"`), by product construction.
+    """The minimal DFA of L(a) minus L(b) (`mode="minus"`) or L(a) and L(b) (`"and"`), by a product.
 
     Raises `CompileLimitError` past `MAX_DFA_STATES` product states.
     """
@@ -811,27 +859,33 @@ def product_dfa(a: ByteDFA, b: ByteDFA, mode: str) -> ByteDFA:
     ids = {start: 0}
     pairs = [start]
     rows = []
-    dead_row = np.full(256, -1, dtype=np.int32)
+    dead_row = np.full(256, -1, dtype=np.int64)
     i = 0
     while i < len(pairs):
         p, q = pairs[i]
-        ta = a.transitions[p]
-        tb = b.transitions[q] if q >= 0 else dead_row
-        row = np.full(256, -1, dtype=np.int32)
-        for byte in range(256):
-            p2 = int(ta[byte])
-            q2 = int(tb[byte])
-            if p2 < 0 or (mode == "and" and q2 < 0):
+        ta = a.transitions[p].astype(np.int64)
+        tb = b.transitions[q].astype(np.int64) if q >= 0 else dead_row
+        live = ta >= 0
+        if mode == "and":
+            live &= tb >= 0
+        codes = np.where(live, ta * (b.n_states + 1) + tb + 1, -1)
+        uniq, inverse = np.unique(codes, return_inverse=True)
+        targets = np.empty(len(uniq), dtype=np.int32)
+        for u, code in enumerate(uniq.tolist()):
+            if code < 0:
+                targets[u] = -1
                 continue
-            key = (p2, q2)
+            key = (code // (b.n_states + 1), code % (b.n_states + 1) - 1)
             j = ids.get(key)
             if j is None:
                 if len(pairs) >= MAX_DFA_STATES:
-                    raise CompileLimitError(f"a product of string automata needs more than {MAX_DFA_STATES} states")
+                    raise CompileLimitError(
+                        f"a product of string automata needs more than {MAX_DFA_STATES} states"
+                    )
                 j = ids[key] = len(pairs)
                 pairs.append(key)
-            row[byte] = j
-        rows.append(row)
+            targets[u] = j
+        rows.append(targets[np.asarray(inverse).reshape(-1)])
         i += 1
     if mode == "and":
         accepting = np.asarray([bool(a.accepting[p]) and q >= 0 and bool(b.accepting[q]) for p, q in pairs])
@@ -929,7 +983,28 @@ def _json_escape_regex(pattern: str, low: _Lowering, where: str) -> str:
                 out.append("")
         return "".join(out)
 
-    return emit(list(tree))
+    # re.search semantics: each top-level alternative may float (any characters around it) unless anchored;
+    # as in Python's re (which jsonschema uses), "$" also matches before a final newline.
+    def expand(items: list) -> list[list]:
+        """Top-level alternatives; re._parser factors a common "^" out of them (^a|^b -> ^(?:a|b))."""
+        if len(items) == 1 and items[0][0] is C.BRANCH:
+            return [x for alt in items[0][1][1] for x in expand(list(alt))]
+        if len(items) == 2 and items[0][0] is C.AT and items[1][0] is C.BRANCH:
+            return [[items[0], *x] for alt in items[1][1][1] for x in expand(list(alt))]
+        return [items]
+
+    alts = expand(list(tree))
+    out = []
+    for alt in alts:
+        alt = list(alt)
+        head = tail = f"{_CHAR}*"
+        if alt and alt[0][0] is C.AT and alt[0][1] in (C.AT_BEGINNING, C.AT_BEGINNING_STRING):
+            head, alt = "", alt[1:]
+        if alt and alt[-1][0] is C.AT and alt[-1][1] in (C.AT_END, C.AT_END_STRING):
+            tail = "" if alt[-1][1] is C.AT_END_STRING else "(?:" + _char_regex("\n") + ")?"
+            alt = alt[:-1]
+        out.append(head + "(?:" + emit(alt) + ")" + tail)
+    return "(?:" + "|".join(out) + ")"
 
 
 def _split_out(lo: int, hi: int, points: tuple[int, ...]) -> list[tuple[int, int]]:

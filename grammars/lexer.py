@@ -112,15 +112,16 @@ def _walk(
     out: np.ndarray,
     b_nodes: np.ndarray,
     b_states: np.ndarray,
-) -> tuple[int, int]:
+) -> tuple[int, int, int]:
     """Walk the subtrees below `roots` from lexer state `start`.
 
     Sets in `out` (uint32 words) every token whose bytes below its root keep the lexer alive; records in
     `b_nodes`/`b_states` each node with children where the lexer accepts (a lexeme may end there).
-    Returns (number of boundaries, or -1 if the buffers were too small; number of tokens set).
+    Returns (number of boundaries, or -1 if the buffers were too small; tokens set; trie nodes visited).
     """
     states = np.empty(max_depth + 2, dtype=np.int32)
     nb = 0
+    visited = 0
     cap = b_nodes.shape[0]
     n_tok = 0
     for r in range(roots.shape[0]):
@@ -129,6 +130,7 @@ def _walk(
         i = root + 1
         end = node_end[root]
         while i < end:
+            visited += 1
             depth = node_depth[i]
             s = transitions[states[depth - 1], node_byte[i]]
             if s < 0:
@@ -140,13 +142,13 @@ def _walk(
                 n_tok += 1
             if accepting[s] and node_end[i] > i + 1:
                 if nb >= cap:
-                    return -1, n_tok
+                    return -1, n_tok, visited
                 b_nodes[nb] = i
                 b_states[nb] = s
                 nb += 1
             states[depth] = s
             i += 1
-    return nb, n_tok
+    return nb, n_tok, visited
 
 
 @njit(nogil=True, cache=True)
@@ -160,7 +162,7 @@ def or_ids(out: np.ndarray, ids: np.ndarray) -> None:
 class WalkResult:
     """What one frontier walk found: the allowed tokens (mask or ids), the next frontiers by accept set."""
 
-    __slots__ = ("words", "ids", "groups")
+    __slots__ = ("words", "ids", "groups", "visited")
 
     def __init__(
         self, words: np.ndarray | None, ids: np.ndarray | None, groups: list[tuple[tuple, Frontier]]
@@ -168,6 +170,7 @@ class WalkResult:
         self.words = words
         self.ids = ids
         self.groups = groups
+        self.visited = 0  # trie nodes the walk visited: its cost, for the per-step work bound
 
     def apply(self, out: np.ndarray) -> None:
         """OR the allowed tokens into `out` (uint32 words)."""
@@ -198,7 +201,7 @@ class Frontier:
         while True:
             b_nodes = np.empty(cap, dtype=np.int32)
             b_states = np.empty(cap, dtype=np.int32)
-            nb, n_tok = _walk(
+            nb, n_tok, visited = _walk(
                 lexer.transitions,
                 lexer.accepting,
                 state,
@@ -232,6 +235,7 @@ class Frontier:
         else:
             words.setflags(write=False)
             result = WalkResult(words, None, result_groups)
+        result.visited = visited
         return self.cache.setdefault(key, result)
 
 

@@ -281,7 +281,7 @@ class PostgresTrieStore(TrieStore):
         self._cache[c] = row
         self._cache.move_to_end(c)
         while len(self._cache) > self.cache_size:
-            pass
+            self._cache.popitem(last=False)
 
     def _fetch(self, c: int) -> dict[int, _Node]:
         psycopg = _psycopg()

@@ -32,6 +32,7 @@ the automaton over the token's bytes. See docs/qa.md.
 from __future__ import annotations
 
 import threading
+from array import array
 from collections import OrderedDict
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
@@ -328,12 +329,13 @@ class CompiledTriggers(CompiledConstraint):
         self._rows: OrderedDict[tuple[int, int], np.ndarray] = OrderedDict()
         self._lock = threading.Lock()
         self.walks = 0  # rows computed (a statistic for tests and benchmarks)
-        # Python lists for the per-byte steps of accept() (numpy scalar indexing is ~10x slower).
+        # Compact Python containers for the per-byte steps of accept(): indexing an array('i') or bytes gives
+        # a Python int ~10x faster than numpy scalar indexing, at the same 4 bytes per table entry.
         a = self.automaton
-        self._delta = a.delta.tolist()
-        self._banned = a.banned.tolist()
-        self._fire = a.fire.tolist()
-        self._stop = a.stop.tolist()
+        self._delta = array("i", a.delta.astype(np.int32).tobytes())  # flat: delta[state * 256 + byte]
+        self._banned = a.banned.astype(np.uint8).tobytes()
+        self._fire = a.fire.astype(np.uint8).tobytes()
+        self._stop = a.stop.astype(np.uint8).tobytes()
         self._trigger = a.trigger.tolist()
         self._text = [b"" if (i in vocab.special_ids) else b for i, b in enumerate(vocab.token_bytes)]
 
@@ -400,7 +402,7 @@ class CompiledTriggers(CompiledConstraint):
         delta, banned, fire = self._delta, self._banned, self._fire
         last = len(data) - 1
         for i, b in enumerate(data):
-            state = delta[state][b]
+            state = delta[(state << 8) | b]
             if banned[state] or (fire[state] and i < last):
                 return None
         if data and fire[state]:
@@ -413,7 +415,7 @@ class CompiledTriggers(CompiledConstraint):
         """Step bytes written inside a trigger: the new state, or -1 if they complete a banned phrase."""
         delta, banned = self._delta, self._banned
         for b in data:
-            state = delta[state][b]
+            state = delta[(state << 8) | b]
             if banned[state]:
                 return -1
         return state
@@ -515,9 +517,9 @@ class TriggerMatcher(Matcher):
                 self._close(seg)
             self._push(token, state, DONE, -1)
             return True
-        if mode == STOPPED or mode == DONE:
+        if mode == STOPPED or mode == DONE or token >= self.vocab.n_tokens:  # padding ids are never allowed
             return False
-        data = c._text[token] if token < self.vocab.n_tokens else b""
+        data = c._text[token]
         if mode == INNER:
             after = c.step_inner(state, data)
             if after < 0:

@@ -22,7 +22,7 @@ EXAMPLES = {
     ),
     "sql_select": (
         [
-            "SELECT name, COUNT(*) AS n FROM users u WHERE age >= 18 AND city IN ('Paris', 'Rome') "
+            "SELECT name, COUNT(*) AS n FROM users AS u WHERE age >= 18 AND city IN ('Paris', 'Rome') "
             "GROUP BY name ORDER BY n DESC LIMIT 10;",
             "select * from t",
             "SELECT a.x FROM a LEFT JOIN b ON a.id = b.id WHERE NOT b.y IS NULL",
@@ -30,7 +30,12 @@ EXAMPLES = {
         ["SELECT FROM t", "SELECT a FROM", "SELECT a FROM t WHERE", "SELECT a, FROM t", "SELECT 'x FROM t"],
     ),
     "python_call": (
-        ['f(1, "a", x=[1, 2], y={"k": None}, z=g(True))', "os.path.join('a', 'b')", "h()", "m.n(t=(1,), u=-2.5e3)"],
+        [
+            'f(1, "a", x=[1, 2], y={"k": None}, z=g(True))',
+            "os.path.join('a', 'b')",
+            "h()",
+            "m.n(t=(1,), u=-2.5e3)",
+        ],
         ["f(", "f(x=)", "(1)", "f(1,,2)", "f(**k)"],
     ),
     "csv": (
@@ -60,6 +65,11 @@ def test_real_examples_parse_and_are_accepted_token_by_token(name, gpt2):
         check_refuses(compiled, tok.encode(text), label=text)
 
 
+def _finishes(m, token: int) -> bool:
+    f = m.fork()
+    return f.accept(token) and f.is_accepting()
+
+
 @pytest.mark.parametrize("name", SHIPPED)
 def test_text_sampled_under_the_masks_parses_with_lark(name, gpt2):
     """Random generation: pick allowed tokens at random (EOS with probability 1/2 when allowed); every
@@ -80,9 +90,14 @@ def test_text_sampled_under_the_masks_parses_with_lark(name, gpt2):
                 oracle.parse(vocab.decode(out))
                 break
             choices = [t for t in allowed if t not in vocab.eos_ids]
-            # prefer short tokens so random walks close their brackets sooner
+            # prefer short tokens, and now and then one that completes the text, so walks finish
             short = [t for t in choices if len(vocab.token_bytes[t]) <= 2] or choices
             t = int(rng.choice(short))
+            if rng.random() < 0.3:
+                singles = [c for c in choices if len(vocab.token_bytes[c]) == 1]
+                candidates = list(rng.choice(choices, size=min(60, len(choices)))) + singles
+                finishing = [int(c) for c in candidates if _finishes(m, int(c))]
+                t = int(finishing[0]) if finishing else t
             assert m.accept(t)
             out.append(t)
     assert finished >= 1
@@ -92,7 +107,7 @@ def test_text_sampled_under_the_masks_parses_with_lark(name, gpt2):
 @settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(data=__import__("hypothesis").strategies.data())
 def test_generated_sentences_are_accepted(name, data, gpt2):
-    """Property: strings derived from the grammar parse with Lark and are accepted under GPT-2 tokenization."""
+    """Property: strings derived from the grammar parse with Lark and are accepted as GPT-2 tokens."""
     vocab, tok = gpt2
     text = data.draw(from_grammar(shipped_grammar_text(name), max_depth=4))
     lark.Lark(shipped_grammar_text(name), parser="earley", lexer="dynamic_complete").parse(text)

@@ -63,6 +63,12 @@ SCHEMAS = {
         "$ref": "#/$defs/node",
     },
     "bounded_number": {"type": "number", "minimum": -3, "exclusiveMaximum": 7},
+    "pattern_props": {
+        "type": "object",
+        "properties": {"title": {"type": "string"}, "c1": {"type": "integer"}},
+        "patternProperties": {"^c[0-9]$": {"type": "integer", "minimum": 0}},
+        "additionalProperties": {"type": "boolean"},
+    },
     "one_of_types": {"oneOf": [{"type": "string", "maxLength": 3}, {"type": "integer"}, {"type": "boolean"}]},
 }
 
@@ -183,6 +189,9 @@ def test_known_invalid_instances_are_refused():
         ("bounded_number", "7"),
         ("bounded_number", "-3.5"),
         ("one_of_types", '"abcd"'),
+        ("pattern_props", '{"c1": -1}'),
+        ("pattern_props", '{"c2": true}'),
+        ("pattern_props", '{"x": 1}'),
     ]:
         assert not valid(name, text), text
         assert not accepts(name, text), text
@@ -312,3 +321,45 @@ def test_fuzzed_schemas_compile_or_raise_constraint_errors(schema):
         json_schema(schema)
     except ConstraintError:
         pass
+
+
+def test_jump_forward_reports_forced_bytes_and_safe_tokens():
+    schema = {
+        "type": "object",
+        "properties": {"name": {"type": "string"}, "ok": {"type": "boolean"}},
+        "required": ["name", "ok"],
+        "additionalProperties": False,
+    }
+    compiled = json_schema(schema, whitespace="compact").compile(VOCAB)
+    m = compiled.matcher()
+    assert m.forced_bytes() == b'{"name":"'
+    assert m.accept_bytes(b'{"name":"Al"')
+    assert m.forced_bytes() == b',"ok":'
+    tokens = m.forced_tokens()
+    # greedy split: , " o k ": — the last token is left to the model (a longer one could span it)
+    assert b"".join(VOCAB.token_bytes[t] for t in tokens) == b',"ok'
+    assert m.accepts(tokens)
+    assert m.accept_bytes(b',"ok":t')
+    assert m.forced_bytes() == b"rue}"
+    m.accept_bytes(b"rue}")
+    assert m.forced_bytes() == b""  # complete: EOS or nothing
+    flexible = json_schema(schema).compile(VOCAB).matcher()
+    assert flexible.forced_bytes() == b""  # leading whitespace is a choice
+
+
+@pytest.mark.parametrize(
+    "pattern", [r"^a|b$", r"^$|^[0-9]+(/[0-9])?$", r"ab", r"^x\$", r"^(a|b)c$", r"^a|^b|c"]
+)
+@settings(max_examples=150, deadline=None)
+@given(text=st.text(alphabet='ab0/$xc\n"\\é', max_size=5))
+def test_pattern_follows_python_re_search_on_json_spellings(pattern, text):
+    """Property: a JSON string (json.dumps spelling, with or without ASCII escaping) is accepted by the
+    pattern's content regex iff `re.search(pattern, decoded)` (jsonschema's semantics), anchors included."""
+    from constrain.grammars.json_schema import _Lowering
+
+    content = re.compile(
+        _Lowering({}, whitespace="compact", max_whitespace=0, lenient=False).json_pattern(pattern, "#")
+    )
+    expected = bool(re.search(pattern, text))
+    assert bool(content.fullmatch(json.dumps(text)[1:-1])) == expected
+    assert bool(content.fullmatch(json.dumps(text, ensure_ascii=False)[1:-1])) == expected

@@ -48,7 +48,8 @@ def _server_bin() -> Path | None:
 
 
 def _install_postgres() -> str:
-    """Try `apt-get install -y postgresql` once (root, apt available); returns what happened, for a skip."""
+    """Try `apt-get install -y postgresql` once (as root, with apt-get; after `apt-get update` if the first
+    attempt fails); returns what happened, for the skip message."""
     global _INSTALL_TRIED
     if _INSTALL_TRIED:
         return "installation already tried"
@@ -56,13 +57,17 @@ def _install_postgres() -> str:
     if os.geteuid() != 0 or not shutil.which("apt-get"):
         return "not root or no apt-get, so it cannot be installed here"
     env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
-    for command in (["apt-get", "install", "-y", "-q", "postgresql"], ["apt-get", "update", "-q"]):
-        done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=900)
-        if command[1] == "install" and done.returncode == 0:
-            return "installed"
-    done = subprocess.run(
-        ["apt-get", "install", "-y", "-q", "postgresql"], env=env, capture_output=True, text=True, timeout=900
-    )
+
+    def apt(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(["apt-get", *args], env=env, capture_output=True, text=True, timeout=900)
+
+    try:
+        done = apt("install", "-y", "-q", "postgresql")
+        if done.returncode:
+            apt("update", "-q")
+            done = apt("install", "-y", "-q", "postgresql")
+    except subprocess.TimeoutExpired:
+        return "apt-get timed out"
     return "installed" if done.returncode == 0 else f"apt-get install postgresql failed: {done.stderr[-300:]}"
 
 
@@ -373,3 +378,28 @@ def test_corrupt_rows_and_wrong_versions_raise_index_format_errors(postgres_url)
         conn.execute(f"UPDATE {table}_meta SET version = 99")
     with pytest.raises(IndexFormatError, match="version 99"):
         PostgresTrieStore(postgres_url, table=table)
+
+
+@pytest.mark.slow
+def test_qa_over_postgres_writes_the_same_answer_as_over_the_index_folder(postgres_url):
+    """Greedy QA with SmolLM2 and the trie read from PostgreSQL writes the same text, and states the same
+    facts (all in the base), as with the memory-mapped index it was uploaded from."""
+    from constrain.assets import load_model
+    from constrain.index.facts import build_fact_index
+    from constrain.index.qa import answer_batch
+
+    triples = [
+        ("London Heathrow Airport", "is located in the country", "United Kingdom"),
+        ("LHR", "is the IATA code of", "London Heathrow Airport"),
+        ("JFK", "is the IATA code of", "John F Kennedy International Airport"),
+        ("John F Kennedy International Airport", "is located in the country", "United States"),
+    ]
+    index = build_fact_index(triples, None, tokenizer="smollm2", progress=False)
+    model, tokenizer = load_model("smollm2")
+    question = ["Which country is the airport LHR in?"]
+    with upload_trie(index, postgres_url, table=fresh_table()) as store:
+        remote = answer_batch(question, store, model, tokenizer, max_new_tokens=32)[0]
+        assert store.cache_info()["queries"] >= 1
+    local = answer_batch(question, index, model, tokenizer, max_new_tokens=32)[0]
+    assert remote.text == local.text and remote.facts == local.facts
+    assert remote.stated and remote.all_in_base
