@@ -1,6 +1,6 @@
 """The `constrain` command line.
 
-    constrain generate --regex '\\d{4}-\\d{2}-\\d{2}' "When did the Berlin Wall fall?"
+    constrain generate --regex '[0-9]{4}-[0-9]{2}-[0-9]{2}' "When did the Berlin Wall fall?"
     constrain generate "Is this review positive? 'Great phone.'" --choice positive negative
     constrain vocab llama3
     constrain demo
@@ -178,7 +178,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Constrained decoding for LLMs: regex / grammar / JSON-schema / index constraints as "
         "token masks. `constrain COMMAND --help` documents each command.",
         epilog="examples:\n"
-        "  constrain generate --regex '\\d{4}-\\d{2}-\\d{2}' \"When did the Berlin Wall fall?\"\n"
+        "  constrain generate --regex '[0-9]{4}-[0-9]{2}-[0-9]{2}' \"When did the Berlin Wall fall?\"\n"
         "  constrain generate \"Is this review positive? 'Great phone.'\" --choice yes no\n"
         "  constrain vocab llama3\n"
         "  constrain demo",

@@ -41,7 +41,7 @@ EXAMPLES = (
     Example(
         "ISO date",
         "When did the Berlin Wall fall? Give the date as YYYY-MM-DD.",
-        r"\d{4}-\d{2}-\d{2}",
+        r"[0-9]{4}-[0-9]{2}-[0-9]{2}",
     ),
     Example(
         "sentiment label",
@@ -57,12 +57,12 @@ EXAMPLES = (
     Example(
         "US phone number",
         "Give a phone number for a pizza restaurant in New York.",
-        r"\(\d{3}\) \d{3}-\d{4}",
+        r"\([0-9]{3}\) [0-9]{3}-[0-9]{4}",
     ),
     Example(
         "key=value record",
         "Describe the Eiffel Tower: its city, its country and its height in metres.",
-        r"city=[A-Z][a-z]+; country=[A-Z][a-z]+; height_m=\d{2,4}",
+        r"city=[A-Z][a-z]+; country=[A-Z][a-z]+; height_m=[0-9]{2,4}",
     ),
     Example(
         "yes / no",

@@ -45,39 +45,42 @@ class Lexer:
 
     def __init__(self, dfas: Sequence[ByteDFA], name: str = ""):
         self.name = name
-        k = len(dfas)
-        start = tuple(d.start for d in dfas)
-        ids: dict[tuple[int, ...], int] = {start: 0}
+        # A product state is the sparse tuple of its live components (terminal index, DFA state): after a
+        # byte or two only a few terminals are alive, so the work per state stays small with many terminals.
+        start = tuple((j, d.start) for j, d in enumerate(dfas) if d.start >= 0)
+        ids: dict[tuple[tuple[int, int], ...], int] = {start: 0}
         tuples = [start]
         rows: list[np.ndarray] = []
-        dead = np.full(256, -1, dtype=np.int32)
         i = 0
         while i < len(tuples):
             tup = tuples[i]
-            cols = [d.transitions[s] if s >= 0 else dead for d, s in zip(dfas, tup, strict=True)]
-            m = np.stack(cols, axis=1) if cols else np.full((256, 1), -1, dtype=np.int32)
+            if not tup:
+                rows.append(np.full(256, -1, dtype=np.int32))
+                i += 1
+                continue
+            m = np.stack([dfas[j].transitions[s] for j, s in tup], axis=1)  # (256, live)
             uniq, inverse = np.unique(m, axis=0, return_inverse=True)
             targets = np.empty(len(uniq), dtype=np.int32)
             for u, col in enumerate(uniq.tolist()):
-                key = tuple(col)
-                if max(key) < 0:
+                key = tuple((j, t) for (j, _), t in zip(tup, col, strict=True) if t >= 0)
+                if not key:
                     targets[u] = -1
                     continue
-                j = ids.get(key)
-                if j is None:
+                nxt = ids.get(key)
+                if nxt is None:
                     if len(tuples) >= MAX_LEXER_STATES:
                         raise CompileLimitError(
                             f"the lexer for terminals {name} needs more than {MAX_LEXER_STATES} states"
                         )
-                    j = len(tuples)
-                    ids[key] = j
+                    nxt = len(tuples)
+                    ids[key] = nxt
                     tuples.append(key)
-                targets[u] = j
+                targets[u] = nxt
             rows.append(targets[np.asarray(inverse).reshape(-1)])
             i += 1
         self.transitions = np.ascontiguousarray(np.stack(rows), dtype=np.int32)
         self.accepts: list[tuple[int, ...]] = [
-            tuple(j for j in range(k) if tup[j] >= 0 and dfas[j].accepting[tup[j]]) for tup in tuples
+            tuple(j for j, s in tup if dfas[j].accepting[s]) for tup in tuples
         ]
         self.accepting = np.asarray([bool(a) for a in self.accepts], dtype=np.bool_)
         self.rows: list[list[int]] = self.transitions.tolist()
