@@ -21,7 +21,7 @@ import torch
 
 from constrain.bitmask import row_view
 from constrain.constraint import CompiledConstraint, Constraint, Matcher
-from constrain.errors import CompileLimitError, ConstraintError
+from constrain.errors import CompileLimitError
 from constrain.vocab import Vocabulary
 
 from .earley import EarleyState, Grammar, GrammarIR
@@ -326,10 +326,3 @@ class GrammarMatcher(Matcher):
 
     def is_terminated(self) -> bool:
         return self._history[-1][1]
-
-
-def ensure_constraint_error(exc: Exception, where: str) -> ConstraintError:
-    """Wrap an unexpected exception from a third-party parser as a `ConstraintError` naming `where`."""
-    if isinstance(exc, ConstraintError):
-        return exc
-    return ConstraintError(f"{where}: {type(exc).__name__}: {exc}")

@@ -363,3 +363,22 @@ def test_pattern_follows_python_re_search_on_json_spellings(pattern, text):
     expected = bool(re.search(pattern, text))
     assert bool(content.fullmatch(json.dumps(text)[1:-1])) == expected
     assert bool(content.fullmatch(json.dumps(text, ensure_ascii=False)[1:-1])) == expected
+
+
+def test_whitespace_options_compact_flexible_and_indented():
+    schema = SCHEMAS["person"]
+    value = {"name": "Ann", "age": 4, "tags": ["a"]}
+
+    def ok(options, text):
+        m = json_schema(schema, **options).compile(VOCAB).matcher()
+        return m.accept_bytes(text.encode()) and m.is_accepting()
+
+    compact, spaced, indented = json_text(value, "compact"), json_text(value), json_text(value, "indent")
+    assert ok({"whitespace": "compact"}, compact) and not ok({"whitespace": "compact"}, spaced)
+    assert ok({}, compact) and ok({}, spaced) and ok({}, indented)
+    assert ok({"whitespace": "indented"}, indented) and not ok(
+        {"whitespace": "indented"}, '{ "name": "Ann", "age": 4}'
+    )
+    assert not ok({"max_whitespace": 3}, '{"name":     "Ann", "age": 4}')  # more than 3 in one gap
+    with pytest.raises(SpecError, match="whitespace"):
+        json_schema(schema, whitespace="loose")
