@@ -59,9 +59,44 @@ def _set_threads(threads: int | None) -> None:
     torch.set_num_threads(threads)
 
 
+def _read_spec_file(path: str, what: str) -> str:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read()
+    except OSError as exc:
+        raise ConstraintError(f"cannot read the {what} file {path!r}: {exc.strerror}") from exc
+
+
 def _constraint(args: argparse.Namespace) -> Any:
-    if args.regex is not None and args.choice:
-        raise ConstraintError("give either --regex or --choice, not both")
+    given = [
+        name
+        for name, value in (
+            ("--regex", args.regex),
+            ("--choice", args.choice),
+            ("--json-schema", args.json_schema),
+            ("--grammar", args.grammar),
+        )
+        if value
+    ]
+    if len(given) > 1:
+        raise ConstraintError(f"give one constraint, not {' and '.join(given)}")
+    if args.json_schema:
+        import json
+
+        from .grammars.json_schema import json_schema
+
+        text = _read_spec_file(args.json_schema, "JSON schema")
+        try:
+            schema = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ConstraintError(
+                f"{args.json_schema}:{exc.lineno}:{exc.colno}: not JSON: {exc.msg}"
+            ) from exc
+        return json_schema(schema)
+    if args.grammar:
+        from .grammars.lark import lark_grammar
+
+        return lark_grammar(_read_spec_file(args.grammar, "grammar"), label=args.grammar)
     if args.regex is None and not args.choice:
         return None
     from .grammars.regex import choice, regex
@@ -188,9 +223,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     gen = sub.add_parser(
         "generate",
-        help="generate text under a regex or a choice of strings",
+        help="generate text under a regex, a choice of strings, a JSON schema or a Lark grammar",
         description="Generate with a model (default: the shipped SmolLM2-135M-Instruct, offline), "
-        "constrained by --regex or --choice; prints one output per prompt.",
+        "constrained by --regex, --choice, --json-schema or --grammar; prints one output per prompt.",
         epilog="With --choice, give the prompt first or after --: "
         'constrain generate "Sentiment of: I love it" --choice positive negative',
     )
@@ -200,6 +235,10 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument(
         "--choice", nargs="+", action="extend", metavar="OPTION", help="the output is one of these"
     )
+    gen.add_argument(
+        "--json-schema", metavar="FILE", help="the output is JSON valid under this JSON Schema file"
+    )
+    gen.add_argument("--grammar", metavar="FILE", help="the output parses under this Lark grammar file")
     gen.add_argument("--max-new-tokens", type=int, default=64, help="the most tokens generated (default 64)")
     gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     gen.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (0 = off)")

@@ -170,3 +170,55 @@ def test_demo_shows_constrained_outputs_that_all_match(capsys):
     assert status == 0, err
     assert out.count("== ") == 6 and out.count("unconstrained") == 6
     assert "6/6 constrained outputs match their regex" in out
+
+
+def test_generate_with_a_json_schema_prints_json_that_validates(capsys, tmp_path):
+    import json
+
+    import jsonschema
+
+    schema = {
+        "type": "object",
+        "properties": {
+            "name": {"type": "string", "maxLength": 20},
+            "age": {"type": "integer", "minimum": 0, "maximum": 120},
+        },
+        "required": ["name", "age"],
+        "additionalProperties": False,
+    }
+    path = tmp_path / "person.json"
+    path.write_text(json.dumps(schema))
+    status, out, err = run(
+        capsys,
+        "generate",
+        "--json-schema",
+        str(path),
+        "--max-new-tokens",
+        "48",
+        "Describe Ada Lovelace as JSON.",
+    )
+    assert status == 0, err
+    jsonschema.validate(json.loads(out), schema)
+
+
+def test_generate_with_a_lark_grammar_prints_text_lark_parses(capsys, tmp_path):
+    import lark
+
+    grammar = 'start: greeting " " NAME "!"\ngreeting: "Hello" | "Hi"\nNAME: /[A-Z][a-z]{1,10}/\n'
+    path = tmp_path / "greeting.lark"
+    path.write_text(grammar)
+    status, out, err = run(capsys, "generate", "--grammar", str(path), "--max-new-tokens", "24", "Greet Ada.")
+    assert status == 0, err
+    lark.Lark(grammar, parser="earley").parse(out.rstrip("\n"))
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--json-schema", "/nonexistent/schema.json"], "cannot read the JSON schema file"),
+        (["--regex", "a", "--choice", "b", "--"], "give one constraint"),
+    ],
+)
+def test_bad_constraint_files_and_combinations_exit_2(capsys, argv, message):
+    status, _, err = run(capsys, "generate", *argv, "prompt")
+    assert status == 2 and message in err
