@@ -1,11 +1,12 @@
 """Per-token mask time and compile time for regex constraints: constrain vs outlines-core vs llguidance.
 
-MaskBench's method, on regexes: for each pattern, time the compile (until the first mask is available), then walk
-the Llama-3 tokenization of valid instances, asking each engine for the full next-token mask before each token.
+MaskBench's method, on regexes: for each pattern, time the compile (until the first mask is available),
+then walk the Llama-3 tokenization of valid instances, asking each engine for the full next-token mask
+before each token.
 All engines run single-threaded in the same process, side by side.
 
     .venv/bin/python bench/masks.py                 # table on stdout, JSON + PNG under bench/results/
-    .venv/bin/python bench/masks.py --repeat 3      # walk each instance 3 times (later walks hit cached states)
+    .venv/bin/python bench/masks.py --repeat 3      # 3 walks per instance (later ones hit cached states)
 
 Peers are optional: `make bench-deps` installs them; a missing one is reported and skipped.
 """
@@ -241,14 +242,16 @@ def main() -> None:
     torch.set_num_threads(1)
     summary = run(args.repeat, args.out)
     header = (
-        "| engine | patterns compiled | compile p50 (ms) | compile max (ms) | mask p50 (µs) | mask p99 (µs) | "
-        "mask mean (µs) | cached p50 (µs) | cached p99 (µs) | masks | valid instances refused |"
+        "| engine | patterns compiled | compile p50 (ms) | compile max (ms) | mask p50 (µs) "
+        "| mask p99 (µs) | mask mean (µs) | cached p50 (µs) | cached p99 (µs) | masks "
+        "| valid instances refused |"
     )
     print(header)
     print("|---" * (header.count("|") - 1) + "|")
     for name, s in summary.items():
         print(
-            f"| {name} | {s['patterns_compiled']}/{len(CASES)} | {s['compile_ms_p50']:.2f} | {s['compile_ms_max']:.2f} "
+            f"| {name} | {s['patterns_compiled']}/{len(CASES)} | {s['compile_ms_p50']:.2f} "
+            f"| {s['compile_ms_max']:.2f} "
             f"| {s['mask_us_p50']:.1f} | {s['mask_us_p99']:.1f} | {s['mask_us_mean']:.1f} "
             f"| {s['cached_mask_us_p50']:.1f} | {s['cached_mask_us_p99']:.1f} | {s['masks']} "
             f"| {len(s['valid_refused'])} {'; '.join(s['valid_refused'])} |"

