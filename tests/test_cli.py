@@ -81,7 +81,10 @@ def test_bad_regex_from_the_shell_exits_2():
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
-        (("generate", "--regex", "a", "--choice", "x", "y", "--", "hi"), "not both"),
+        (
+            ("generate", "--regex", "a", "--choice", "x", "y", "--", "hi"),
+            "give one constraint, not --regex and --choice",
+        ),
         (("generate", "--choice", "x", "y"), "no prompt given"),
         (("generate", "--stream", "--regex", "a", "one", "two"), "single prompt"),
         (("generate", "--model", "/no/such/model", "hi"), "unknown model"),
