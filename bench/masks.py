@@ -72,10 +72,8 @@ class Ours:
 
     def fresh_compile_cache(self):
         from constrain.constraint import clear_compile_cache
-        from constrain.grammars.regex import compile_dfa
 
-        clear_compile_cache()
-        compile_dfa.cache_clear()  # the regex -> DFA step has its own cache
+        clear_compile_cache()  # also clears the regex -> DFA cache
 
 
 class OutlinesCore:

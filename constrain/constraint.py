@@ -17,7 +17,7 @@ from __future__ import annotations
 import threading
 from abc import ABC, abstractmethod
 from collections import OrderedDict
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -145,10 +145,22 @@ def compile(spec: Constraint, vocab: Vocabulary) -> CompiledConstraint:  # noqa:
     return compiled
 
 
+_extra_caches: list[Callable[[], None]] = []
+
+
+def register_compile_cache(clear: Callable[[], None]) -> Callable[[], None]:
+    """Register the `clear` function of a layer's own compile-time cache (e.g. regex -> DFA), so that
+    `clear_compile_cache()` forgets it too. Returns `clear`."""
+    _extra_caches.append(clear)
+    return clear
+
+
 def clear_compile_cache() -> None:
-    """Forget all cached compiled constraints."""
+    """Forget all cached compiled constraints, and the compile-time caches layers registered."""
     with _cache_lock:
         _cache.clear()
+    for clear in _extra_caches:
+        clear()
 
 
 # -- batched fill --------------------------------------------------------------------------------------

@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 from constrain.bitmask import bitmask_words, row_view
-from constrain.constraint import CompiledConstraint, Constraint, Matcher
+from constrain.constraint import CompiledConstraint, Constraint, Matcher, register_compile_cache
 from constrain.errors import CompileLimitError, SpecError, UnsupportedError
 from constrain.kernels.trie_walk import dfa_trie_mask, dfa_trie_masks
 from constrain.vocab import Vocabulary
@@ -470,6 +470,9 @@ def compile_dfa(pattern: str, flags: int = 0, max_states: int = DEFAULT_MAX_STAT
         return ByteDFA.from_nfa(nfa, start, accept, max_states=max_states)
     except RecursionError:
         raise CompileLimitError(f"regex {pattern[:60]!r} is nested too deeply to compile") from None
+
+
+register_compile_cache(compile_dfa.cache_clear)
 
 
 # -- constraints -------------------------------------------------------------------------------------------

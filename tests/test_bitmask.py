@@ -163,3 +163,13 @@ def test_matcher_conveniences_follow_the_protocol():
     assert m.accept(2) and m.is_accepting()
     with pytest.raises(ConstraintError, match="cannot roll back 2"):
         m.rollback(2)
+
+
+def test_clear_compile_cache_also_forgets_the_regex_dfa_cache():
+    from constrain.constraint import clear_compile_cache
+    from constrain.grammars.regex import compile_dfa, regex
+
+    compile(regex(r"[ab]{3}"), VOCAB)
+    assert compile_dfa.cache_info().currsize > 0
+    clear_compile_cache()
+    assert compile_dfa.cache_info().currsize == 0
