@@ -78,6 +78,19 @@ class VocabTrie:
     def n_nodes(self) -> int:
         return int(self.node_byte.shape[0])
 
+    @property
+    def walk_arrays(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, int]:
+        """`(node_byte, node_depth, node_end, token_start, token_ids, max_depth)`: the arguments every numba
+        trie walk takes, in this order (pass them as `*trie.walk_arrays`)."""
+        return (
+            self.node_byte,
+            self.node_depth,
+            self.node_end,
+            self.token_start,
+            self.token_ids,
+            self.max_depth,
+        )
+
 
 def _build_trie(token_bytes: Sequence[bytes | None], excluded: frozenset[int]) -> VocabTrie:
     entries = sorted((b, i) for i, b in enumerate(token_bytes) if b and i not in excluded)

@@ -604,12 +604,7 @@ class CompiledRegex(CompiledConstraint):
         dfa_trie_mask(
             self.dfa.transitions,
             state,
-            trie.node_byte,
-            trie.node_depth,
-            trie.node_end,
-            trie.token_start,
-            trie.token_ids,
-            trie.max_depth,
+            *trie.walk_arrays,
             mask,
         )
         self._finish(mask, state)
@@ -628,12 +623,7 @@ class CompiledRegex(CompiledConstraint):
         dfa_trie_masks(
             self.dfa.transitions,
             missing,
-            trie.node_byte,
-            trie.node_depth,
-            trie.node_end,
-            trie.token_start,
-            trie.token_ids,
-            trie.max_depth,
+            *trie.walk_arrays,
             out,
         )
         for row, state in enumerate(missing.tolist()):

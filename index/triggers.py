@@ -367,12 +367,7 @@ class CompiledTriggers(CompiledConstraint):
         blocked = np.zeros(self.words, dtype=np.uint32)
         fire = a.fire if kind == FREE else self._no_fire
         _blocked_tokens(
-            trie.node_byte,
-            trie.node_depth,
-            trie.node_end,
-            trie.token_start,
-            trie.token_ids,
-            trie.max_depth,
+            *trie.walk_arrays,
             a.delta,
             a.banned,
             fire,
