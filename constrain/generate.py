@@ -369,6 +369,7 @@ def generate_stream(
     chat: bool | None = None,
     stop_at_eos: bool = True,
     overlap: bool = True,
+    jump_forward: bool = True,
 ) -> Iterator[StreamEvent]:
     """Generate like `generate`, as an iterator of `StreamEvent`s: one per token, then one final event per row
     (carrying its `Generation`), in decode order (row by row within a step).
@@ -393,7 +394,17 @@ def generate_stream(
     generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
     sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, generator=generator)
     return _decode(
-        model, encoded, matchers, vocab, device, pad_id, max_new_tokens, sampling, stop_at_eos, overlap
+        model,
+        encoded,
+        matchers,
+        vocab,
+        device,
+        pad_id,
+        max_new_tokens,
+        sampling,
+        stop_at_eos,
+        overlap,
+        jump_forward,
     )
 
 
@@ -412,6 +423,24 @@ def _left_pad(
     return input_ids.to(device), attention.to(device), positions.to(device)
 
 
+def _jump_forward(
+    matcher: Matcher, row: _Row, max_new_tokens: int, events: list[StreamEvent], i: int, token_bytes: list
+) -> list[int]:
+    """Accept the tokens `matcher` forces next (its `forced_tokens()`, if it has one) into `row`, within the
+    token budget; returns them. They are not sampled, so they carry log-probability 0.0."""
+    forced_tokens = getattr(matcher, "forced_tokens", None)
+    room = max_new_tokens - len(row.tokens)
+    if forced_tokens is None or room <= 0:
+        return []
+    tokens = forced_tokens()[:room]
+    for token in tokens:
+        if not matcher.accept(token):
+            raise ConstraintError(f"row {i}: the matcher forced token {token} but refused it (a matcher bug)")
+        text = row.add(token, 0.0, token_bytes[token])
+        events.append(StreamEvent(row=i, text=text, token_id=token, logprob=0.0))
+    return tokens
+
+
 def _decode(
     model: Any,
     encoded: list[list[int]],
@@ -423,6 +452,7 @@ def _decode(
     sampling: dict[str, Any],
     stop_at_eos: bool,
     overlap: bool,
+    jump_forward: bool = True,
 ) -> Iterator[StreamEvent]:
     """The loop itself (see the module docstring and docs/generate.md)."""
     batch = len(encoded)
@@ -463,6 +493,7 @@ def _decode(
                 f"the model returned {logits.shape[-1]} logits per token, but its config and the vocabulary "
                 f"say {vocab.vocab_size}"
             )
+        forced: dict[int, list[int]] = {}  # row -> jump-forward tokens to feed with this step's token
         for step in range(max_new_tokens):
             # 1. The mask decides rows that cannot go on.
             status = pending.result()
@@ -500,7 +531,10 @@ def _decode(
                 events.append(StreamEvent(row=i, text=text, token_id=token, logprob=logprobs_list[j]))
                 if token in eos_ids and (matcher is not None or stop_at_eos):
                     events.append(finish(i, "eos"))
-                elif len(rows[i].tokens) >= max_new_tokens:
+                    continue
+                if jump_forward and matcher is not None:
+                    forced[i] = _jump_forward(matcher, rows[i], max_new_tokens, events, i, token_bytes)
+                if len(rows[i].tokens) >= max_new_tokens:
                     # A text that is complete exactly at the limit was not cut: say so.
                     complete = matcher is not None and filler.is_complete(matcher)
                     events.append(finish(i, "constraint_complete" if complete else "length"))
@@ -508,7 +542,10 @@ def _decode(
             if not any(active):
                 break
             # 3. Ended rows leave the batch (KV cache included), so the forward stops paying for them.
-            feed = [tokens_list[j] if active[i] else pad_id for j, i in enumerate(live)]
+            feed = [
+                [tokens_list[j], *forced.get(i, ())] if active[i] else [pad_id] for j, i in enumerate(live)
+            ]
+            forced.clear()
             keep = [j for j, i in enumerate(live) if active[i]]
             if len(keep) < len(live) and hasattr(cache, "batch_select_indices"):
                 index = torch.tensor(keep, device=device)
@@ -518,17 +555,25 @@ def _decode(
                 feed = [feed[j] for j in keep]
             # 4. Overlap: the worker fills the next mask while this thread runs the forward.
             pending = launch_fill()
-            attention = torch.cat([attention, attention.new_ones((len(live), 1))], dim=-1)
+            # Jump-forward rows feed their forced tokens in the same forward: the chunk is right-padded to
+            # the longest row, padding masked out of attention (now and in every later step).
+            lengths = torch.tensor([len(f) for f in feed], device=device).view(-1, 1)
+            width = int(lengths.max())
+            chunk = torch.full((len(live), width), pad_id, dtype=torch.long)
+            for j, f in enumerate(feed):
+                chunk[j, : len(f)] = torch.tensor(f, dtype=torch.long)
+            columns = torch.arange(width, device=device).view(1, -1)
+            attention = torch.cat([attention, (columns < lengths).to(attention.dtype)], dim=-1)
             out = model(
-                input_ids=torch.tensor(feed, dtype=torch.long).view(len(live), 1).to(device),
+                input_ids=chunk.to(device),
                 attention_mask=attention,
-                position_ids=next_position,
+                position_ids=next_position + columns,
                 past_key_values=cache,
                 use_cache=True,
             )
             cache = out.past_key_values
-            logits = out.logits[:, -1, :]
-            next_position = next_position + 1
+            logits = out.logits[torch.arange(len(live), device=device), lengths.view(-1) - 1, :]
+            next_position = next_position + lengths
         pending.result()  # never leave a fill running past the loop
 
 
@@ -549,6 +594,7 @@ def generate(
     stream: Callable[[int, str], None] | None = None,
     stop_at_eos: bool = True,
     overlap: bool = True,
+    jump_forward: bool = True,
     n: int = 1,
     num_beams: int = 1,
 ) -> list[Any]:
@@ -576,6 +622,10 @@ def generate(
         stop_at_eos: an unconstrained row ends at any EOS id of the vocabulary; False lets it run to
             `max_new_tokens`. A constrained row always ends at EOS (its matcher has terminated).
         overlap: fill the next bitmask in a worker thread during the forward (False: fill in line).
+        jump_forward: where a row's constraint forces the next bytes (e.g. `"name": "` in a JSON object), its
+            matcher's `forced_tokens()` are appended without sampling and fed to the model together with the
+            sampled token in one forward. They count toward `max_new_tokens` and carry log-probability 0.0.
+            The last token of a forced run is left to the model (a longer token may span the boundary).
         n: branches per prompt for best-of-N / parallel sampling (1 = plain decoding).
         num_beams: beams per prompt for beam search (1 = plain decoding); not together with `n`.
 
@@ -617,6 +667,7 @@ def generate(
         chat=chat,
         stop_at_eos=stop_at_eos,
         overlap=overlap,
+        jump_forward=jump_forward,
     ):
         if stream is not None and event.text:
             stream(event.row, event.text)

@@ -747,3 +747,57 @@ def test_generate_refuses_n_and_num_beams_together(smollm2):
     model, tok = smollm2
     with pytest.raises(ConstraintError, match="not both"):
         generate(model, tok, "hi", n=2, num_beams=2)
+
+
+# -- jump-forward ----------------------------------------------------------------------------------------------
+
+
+def brute_force_greedy_jump_forward(model, prompt: list[int], matcher, vocab, max_new: int) -> list[int]:
+    """Greedy masked argmax with full forwards, appending `matcher.forced_tokens()` after each chosen token."""
+    tokens: list[int] = []
+    while len(tokens) < max_new:
+        allowed = matcher.allowed_tokens()
+        if set(allowed.tolist()) <= vocab.eos_ids:
+            break  # generate ends the row as constraint_complete without sampling EOS
+        logits = full_logits(model, prompt + tokens)
+        masked = torch.full_like(logits, float("-inf"))
+        masked[allowed] = logits[allowed]
+        token = int(masked.argmax())
+        tokens.append(token)
+        assert matcher.accept(token)
+        if token in vocab.eos_ids:
+            break
+        for forced in matcher.forced_tokens()[: max_new - len(tokens)]:
+            assert matcher.accept(forced)
+            tokens.append(forced)
+    return tokens
+
+
+def test_jump_forward_appends_forced_tokens_in_one_forward_and_equals_the_brute_force(tiny, tok, vocab):
+    """A batch of JSON-schema rows of different prompt lengths plus an unconstrained row: with jump-forward,
+    each constrained row equals greedy masked argmax with the forced tokens appended (full forwards, no
+    padding), uses fewer forwards than tokens, and the forced tokens carry log-probability 0."""
+    from constrain.grammars.json_schema import json_schema
+
+    schema = {
+        "type": "object",
+        "properties": {"name": {"type": "string", "maxLength": 6}, "count": {"type": "integer"}},
+        "required": ["name", "count"],
+        "additionalProperties": False,
+    }
+    constraint = json_schema(schema, whitespace="compact").compile(vocab)
+    prompts = [encoded(tok, "Some JSON:"), encoded(tok, "A much longer prompt, then some JSON please:"), [7]]
+    counting = BiasedLM(tiny, torch.zeros(vocab.vocab_size))
+    gens = generate(counting, tok, prompts, [constraint, constraint, None], max_new_tokens=24, vocab=vocab)
+    for prompt, g in zip(prompts[:2], gens[:2], strict=True):
+        expected = brute_force_greedy_jump_forward(tiny, prompt, constraint.matcher(), vocab, 24)
+        assert g.token_ids == expected
+        assert g.text.startswith('{"name":"')
+        assert 0.0 in g.logprobs
+    assert_masked_argmax_path(tiny, prompts[2], gens[2], lambda: None, vocab)
+    counting.calls = 0
+    [alone] = generate(counting, tok, prompts[:1], constraint, max_new_tokens=24, vocab=vocab)
+    assert alone.token_ids == gens[0].token_ids
+    assert counting.calls < len(alone.token_ids)  # forced tokens cost no forward of their own
+    [plain] = generate(tiny, tok, prompts[:1], constraint, max_new_tokens=24, vocab=vocab, jump_forward=False)
+    assert plain.text.startswith('{"')
