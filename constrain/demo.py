@@ -13,6 +13,7 @@ import sys
 import textwrap
 import time
 from dataclasses import dataclass
+from typing import Any
 
 from .generate import generate, model_vocabulary
 
@@ -127,6 +128,8 @@ def main(max_new_tokens: int = 32, out=None, *, qa: bool = True) -> int:
         f"({sum(len(g.token_ids) for g in generations)} tokens).",
         file=out,
     )
+    print("\n== a pydantic model filled by the model (json_schema(City), parsed and validated)", file=out)
+    pydantic_demo(model, tokenizer, vocab, out=out)
     if qa:
         from .index.qa import qa_demo
 
@@ -135,6 +138,36 @@ def main(max_new_tokens: int = 32, out=None, *, qa: bool = True) -> int:
         )
         qa_demo(out=out)
     return 0
+
+
+def pydantic_demo(model: Any, tokenizer: Any, vocab: Any, out: Any = None, max_new_tokens: int = 80) -> Any:
+    """Fill the `City` pydantic model with SmolLM2 under `json_schema(City)` and print the validated instance
+    (and the unconstrained answer beside it). Returns the `City`."""
+    from pydantic import BaseModel, Field
+
+    from .grammars.json_schema import json_schema
+
+    class City(BaseModel):
+        name: str = Field(max_length=40)
+        country: str = Field(max_length=40)
+        population: int = Field(ge=0)
+        is_capital: bool
+
+    out = out or sys.stdout
+    constraint = json_schema(City, whitespace="compact")
+    prompt = "Describe the city of Paris as a JSON object with its name, country, population and is_capital."
+    start = time.perf_counter()
+    constrained, free = generate(
+        model, tokenizer, [prompt, prompt], [constraint, None], max_new_tokens=max_new_tokens, vocab=vocab
+    )
+    elapsed = time.perf_counter() - start
+    city = constraint.parse(constrained.text)
+    print(f"   prompt        {prompt}", file=out)
+    print(f"   constrained   {constrained.text!r}  [{constrained.finish_reason}]", file=out)
+    print(f"   parsed        {city!r}", file=out)
+    print(f"   unconstrained {_one_line(free.text, 72)!r}", file=out)
+    print(f"   ({elapsed:.1f} s for both rows)", file=out)
+    return city
 
 
 if __name__ == "__main__":

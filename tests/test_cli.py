@@ -171,8 +171,9 @@ def test_generate_choice_streams_the_same_text_it_would_print(capsys):
 def test_demo_shows_constrained_outputs_that_all_match(capsys):
     status, out, err = run(capsys, "demo", "--max-new-tokens", "24", "--no-qa")
     assert status == 0, err
-    assert out.count("== ") == 6 and out.count("unconstrained") == 6
+    assert out.count("== ") == 7 and out.count("unconstrained") == 7
     assert "6/6 constrained outputs match their regex" in out
+    assert "parsed        City(name=" in out  # the pydantic model, validated by pydantic itself
 
 
 def test_generate_with_a_json_schema_prints_json_that_validates(capsys, tmp_path):
