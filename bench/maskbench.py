@@ -314,14 +314,20 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--limit", type=int, default=0, help="only the first N files (sorted)")
     ap.add_argument("--timeout", type=float, default=60.0, help="seconds per schema (compile + instances)")
     ap.add_argument("--json", help="write the summaries and per-schema errors here")
+    ap.add_argument("--plot", help="write a PNG of the mask and compile time distributions (CDFs) here")
     args = ap.parse_args(argv)
     files = sorted(str(p) for p in Path(args.folder).glob("*.json"))
     if args.limit:
         files = files[: args.limit]
-    summaries, details = [], {}
+    summaries, details, timings = [], {}, {}
     for name in args.engines.split(","):
         t0 = time.time()
         out = run_engine(name, files, args.timeout)
+        recs = out.get("per_schema", {}).values()
+        timings[name] = (
+            [x for r in recs for x in r.get("masks_us", [])],
+            [r["compile_s"] * 1e3 for r in recs if r.get("compile_s") is not None],
+        )
         s = summarize(name, out, len(files))
         s["wall_s"] = round(time.time() - t0, 1)
         summaries.append(s)
@@ -355,6 +361,31 @@ def main(argv: list[str] | None = None) -> None:
         print("| " + " | ".join(cells) + " |")
     if args.json:
         Path(args.json).write_text(json.dumps({"summaries": summaries, "details": details}, indent=1))
+    if args.plot:
+        plot_cdfs(timings, args.plot)
+
+
+def plot_cdfs(timings: dict[str, tuple[list[float], list[float]]], path: str) -> None:
+    """Two panels: the CDF of mask times (us) and of compile times (ms) per engine, log-scaled x."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    for ax, k, unit in ((axes[0], 0, "mask time (µs)"), (axes[1], 1, "compile time, to first mask (ms)")):
+        for name, values in timings.items():
+            v = np.sort(np.asarray(values[k], dtype=float))
+            if v.size:
+                ax.plot(v, np.arange(1, v.size + 1) / v.size, label=f"{name} (n={v.size})")
+        ax.set_xscale("log")
+        ax.set_xlabel(unit)
+        ax.set_ylabel("fraction ≤ x")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(loc="lower right")
+    fig.suptitle("MaskBench: time distributions per engine (same run)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
 
 
 if __name__ == "__main__":
