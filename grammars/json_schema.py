@@ -10,8 +10,10 @@ the grammar engine (`constrain.grammars.cfg`). What is enforced exactly: `type` 
 `enum`/`const`, `properties`/`required`/`additionalProperties` (properties in schema order, extra ones after
 them), `items`/`prefixItems`/`additionalItems`/`minItems`/`maxItems`, `minLength`/`maxLength`, `pattern`,
 `format` (date, time, date-time, email, uuid, ipv4, ipv6, hostname, uri), integer bounds, number bounds with
-integer values, `anyOf`, `oneOf` whose branches are of disjoint types, `allOf` of mergeable schemas, local
-`$ref`/`$defs`/`definitions` (recursion included), boolean schemas.
+integer values, `anyOf`, `allOf` of mergeable schemas, `minProperties`/`maxProperties`, local
+`$ref`/`$defs`/`definitions` (recursion included), boolean schemas; `not`, `if`/`then`/`else`,
+`dependentRequired`/`dependentSchemas`/`dependencies` and `oneOf` where `schema_logic` rewrites them exactly.
+Property order: the schema's (default) or any (`property_order="any"`).
 
 A validation keyword we cannot enforce exactly raises `UnsupportedError` naming it and its place; with
 `lenient=True` it is skipped instead and listed in `constraint.ignored`. Annotations (`title`,
@@ -27,15 +29,24 @@ from __future__ import annotations
 import json
 import math
 import re
+from functools import lru_cache
 from typing import Any
 
-import numpy as np
-
-from constrain.errors import CompileLimitError, ConstraintError, SpecError, UnsupportedError
+from constrain.errors import ConstraintError, SpecError, UnsupportedError
 
 from .cfg import GrammarConstraint
-from .dfa import ByteDFA, minimize
+from .dfa import ByteDFA
 from .earley import GrammarIR, Rule, Terminal
+from .product import product_dfa as _product_dfa
+from .schema_logic import (
+    LOGIC_KEYWORDS,
+    NOT_ENUM,
+    NOT_PATTERN,
+    NotExpressible,
+    Undecided,
+    check_value,
+    conjuncts,
+)
 from .terminals import MAX_DFA_STATES, pattern_dfa
 
 ANNOTATIONS = {
@@ -86,22 +97,16 @@ HANDLED = {
     "oneOf",
     "allOf",
     "$ref",
+    "minProperties",
+    "maxProperties",
 }
+HANDLED |= {*LOGIC_KEYWORDS, NOT_ENUM, NOT_PATTERN}  # rewritten by `schema_logic`, or internal
 UNSUPPORTED = {
-    "not",
-    "if",
-    "then",
-    "else",
-    "dependentRequired",
-    "dependentSchemas",
-    "dependencies",
     "uniqueItems",
     "contains",
     "minContains",
     "maxContains",
     "multipleOf",
-    "minProperties",
-    "maxProperties",
     "propertyNames",
     "unevaluatedProperties",
     "unevaluatedItems",
@@ -150,6 +155,7 @@ FORMATS = {
 }
 
 
+@lru_cache(maxsize=4096)
 def _char_regex(c: str) -> str:
     """The JSON spellings of one character inside a string: itself (if allowed bare) or its escapes (no
     `\\u00XX` escapes of printable ASCII: see below)."""
@@ -183,6 +189,7 @@ def _char_regex(c: str) -> str:
     return options[0] if len(options) == 1 else "(?:" + "|".join(options) + ")"
 
 
+@lru_cache(maxsize=16384)
 def string_literal_regex(value: str) -> str:
     """A regex for every JSON spelling of the string `value` (quotes included)."""
     return '"' + "".join(_char_regex(c) for c in value) + '"'
@@ -248,12 +255,140 @@ def _alt(parts: list[str]) -> list[str]:
     return parts if len(parts) == 1 else ["(?:" + "|".join(parts) + ")"]
 
 
+MAX_ANY_ORDER_PROPERTIES = 10  # property_order="any": the grammar tracks which of n properties came (2^n)
+_MEMBER_KEYS = ("properties", "patternProperties", "additionalProperties")
+MAX_BRANCHES = 256  # anyOf branches from distributing a conjunction of anyOfs (dependencies, if/then/else)
+MAX_COUNTED_PROPERTIES = 64  # minProperties/maxProperties: one grammar state per count
+
+
+class ObjectMembers:
+    """The members of one object (what lies between its braces), as grammar rules.
+
+    Declared properties (`pairs`: name -> key terminal, colon, value symbol) each appear at most once, the
+    `required` ones always; other keys come through `extra` (a symbol for one extra member, or None); the
+    number of members lies in [lo, hi]. `schema_order()` lists declared properties in schema order with the
+    extras after them; `any_order()` takes members in any order (its states are the subsets of declared
+    properties seen, so callers bound the number of properties).
+    """
+
+    def __init__(
+        self,
+        low: _Lowering,
+        names: list[str],
+        pairs: dict,
+        required: set,
+        extra: str | None,
+        comma: str,
+        lo: int,
+        hi: int | None,
+    ):
+        self.low, self.names, self.pairs, self.required = low, names, pairs, required
+        self.extra, self.comma, self.lo, self.hi = extra, comma, lo, hi
+        # Counts past `cap` need not be told apart: above hi is dead, at or above lo (no hi) is enough.
+        self.cap = hi + 1 if hi is not None else lo
+        self.memo: dict[tuple, str] = {}
+
+    def bump(self, count: int) -> int:
+        return min(count + 1, self.cap)
+
+    def count_ok(self, count: int) -> bool:
+        return count >= self.lo and (self.hi is None or count <= self.hi)
+
+    def sep(self, emitted: bool) -> tuple[str, ...]:
+        return (self.comma,) if emitted else ()
+
+    def symbol(self, key: tuple) -> tuple[str, bool]:
+        """(non-terminal for state `key`, True if it is new and needs its rules)."""
+        name = self.memo.get(key)
+        if name is not None:
+            return name, False
+        name = self.memo[key] = self.low.fresh("props")
+        return name, True
+
+    def dead(self, name: str) -> str:
+        self.low.rule(name, name)  # no string: pruned by the grammar compiler
+        return name
+
+    def schema_order(self, i: int = 0, emitted: bool = False, count: int = 0) -> str:
+        name, new = self.symbol(("s", i, emitted, count))
+        if not new:
+            return name
+        if self.hi is not None and count > self.hi:
+            return self.dead(name)
+        if i == len(self.names):
+            return self.extras(name, emitted, count)
+        n = self.names[i]
+        self.low.rule(
+            name, *self.sep(emitted), *self.pairs[n], self.schema_order(i + 1, True, self.bump(count))
+        )
+        if n not in self.required:
+            self.low.rule(name, self.schema_order(i + 1, emitted, count))
+        return name
+
+    def extras(self, name: str, emitted: bool, count: int) -> str:
+        """Rules for `name`: the extra members after the declared ones, given `count` members so far."""
+        low = self.low
+        if self.count_ok(count):
+            low.rule(name)
+        if self.extra is None:
+            if not self.count_ok(count):
+                self.dead(name)
+            return name
+        if self.hi is None and count >= self.lo:  # any number of extras: (, extra)*
+            loop, new = self.symbol(("loop",))
+            if new:
+                low.rule(loop)
+                low.rule(loop, loop, self.comma, self.extra)
+            low.rule(name, *self.sep(emitted), self.extra, loop)
+            return name
+        nxt, new = self.symbol(("s", len(self.names), True, self.bump(count)))
+        if new:
+            if self.hi is not None and self.bump(count) > self.hi:
+                self.dead(nxt)
+            else:
+                self.extras(nxt, True, self.bump(count))
+        low.rule(name, *self.sep(emitted), self.extra, nxt)
+        return name
+
+    def any_order(self, seen: frozenset = frozenset(), emitted: bool = False, count: int = 0) -> str:
+        name, new = self.symbol(("a", seen, emitted, count))
+        if not new:
+            return name
+        if self.hi is not None and count > self.hi:
+            return self.dead(name)
+        low = self.low
+        if self.required <= seen and self.count_ok(count):
+            low.rule(name)
+        for n in self.names:
+            if n not in seen:
+                low.rule(
+                    name,
+                    *self.sep(emitted),
+                    *self.pairs[n],
+                    self.any_order(seen | {n}, True, self.bump(count)),
+                )
+        if self.extra is not None:
+            low.rule(name, *self.sep(emitted), self.extra, self.any_order(seen, True, self.bump(count)))
+        return name
+
+
 class _Lowering:
     """Schema -> grammar: one non-terminal per schema node, terminals shared by pattern."""
 
-    def __init__(self, root: Any, *, whitespace: str, max_whitespace: int, lenient: bool):
+    def __init__(
+        self,
+        root: Any,
+        *,
+        whitespace: str,
+        max_whitespace: int,
+        lenient: bool,
+        property_order: str = "schema",
+    ):
         if whitespace not in ("flexible", "compact", "indented"):
             raise SpecError(f"whitespace must be 'flexible', 'compact' or 'indented', got {whitespace!r}")
+        if property_order not in ("schema", "any"):
+            raise SpecError(f"property_order must be 'schema' or 'any', got {property_order!r}")
+        self.property_order = property_order
         self.root = root
         self.lenient = lenient
         self.ignored: list[str] = []
@@ -354,18 +489,20 @@ class _Lowering:
         for k in schema:
             if k in UNSUPPORTED:
                 self.unsupported(k, where)
+        schema = self.rewrite(schema, where)
         if "$ref" in schema:
             target = self.resolve(schema["$ref"], where)
             rest = {k: v for k, v in schema.items() if k not in ("$ref",) and k in HANDLED}
             if not rest:
                 return [(self.value(target, schema["$ref"]),)]
-            schema = self.merge([rest, target], where)
+            # the referenced schema first: its properties come first in schema order (as llguidance does)
+            schema = self.merge([target, rest], where)
         if "allOf" in schema:
             subs = schema["allOf"]
             if not isinstance(subs, list):
                 raise SpecError(f"allOf at {where} must be a list")
             base = {k: v for k, v in schema.items() if k != "allOf"}
-            schema = self.merge([base, *subs], where + "/allOf")
+            schema = self.merge([*subs, base], where + "/allOf")
         for key in ("anyOf", "oneOf"):
             if key in schema:
                 subs = schema[key]
@@ -379,12 +516,16 @@ class _Lowering:
                     merged = self.merge([base, sub], f"{where}/{key}/{i}") if base else sub
                     out.append((self.value(merged, f"{where}/{key}/{i}"),))
                 return out
-        if "const" in schema:
-            return [self.literal(schema["const"], where)] if self.admits(schema, schema["const"]) else []
-        if "enum" in schema:
-            if not isinstance(schema["enum"], list):
+        if "const" in schema or "enum" in schema:
+            values = [schema["const"]] if "const" in schema else schema["enum"]
+            if not isinstance(values, list):
                 raise SpecError(f"enum at {where} must be a list")
-            return [self.literal(v, where) for v in schema["enum"] if self.admits(schema, v)]
+            rest = {k: v for k, v in schema.items() if k not in ("const", "enum")}
+            return [
+                self.literal(v, where)
+                for v in values
+                if self.admits(schema, v) and self.check(v, rest, where)
+            ]
         types = schema.get("type", list(ALL_TYPES))
         if isinstance(types, str):
             types = [types]
@@ -402,26 +543,18 @@ class _Lowering:
 
     def admits(self, schema: dict, value: Any) -> bool:
         """True if a const/enum value has one of the schema's types (other keywords are not checked)."""
+        kind = _json_type(value)
+        if any(_json_type(x) == kind and x == value for x in schema.get(NOT_ENUM, ())):
+            return False
         types = schema.get("type")
         if types is None:
             return True
         types = [types] if isinstance(types, str) else types
-        kind = _json_type(value)
         return kind in types or (kind == "integer" and "number" in types)
 
     def disjoint(self, subs: list, where: str) -> bool:
-        """True if no value can match two of the branches (then `oneOf` is `anyOf`): their JSON types
-        are disjoint, or both are objects that require a property with disjoint const/enum values."""
-        flat = [self.deref(sub, where) for sub in subs]
-        kinds = [self.kinds(sub, where) for sub in flat]
-        for i in range(len(flat)):
-            for j in range(i):
-                a, b = kinds[i], kinds[j]
-                if a is not None and b is not None and not (a & b):
-                    continue
-                if not self.discriminated(flat[i], flat[j], where):
-                    return False
-        return True
+        """True if no value can match two of the branches (then `oneOf` is `anyOf`)."""
+        return all(self.exclusive(subs[i], subs[j], where) for i in range(len(subs)) for j in range(i))
 
     def deref(self, sub: Any, where: str) -> Any:
         for _ in range(50):
@@ -477,9 +610,85 @@ class _Lowering:
                 return sub["enum"]
         return None
 
+    def rewrite(self, schema: Any, where: str) -> Any:
+        """`schema` with its logic keywords (`not`, `if`, dependencies, `oneOf`) rewritten by `schema_logic`
+        into an `allOf` of schemas the lowering enforces (unchanged if it has none of them)."""
+        if not isinstance(schema, dict) or not any(k in schema for k in LOGIC_KEYWORDS):
+            return schema
+        if "enum" in schema or "const" in schema:
+            return schema  # the values are checked against every keyword instead (see `check`)
+        base = {k: v for k, v in schema.items() if k not in LOGIC_KEYWORDS}
+        try:
+            extra = conjuncts(
+                schema,
+                lambda ref: self.resolve(ref["$ref"], where),
+                (HANDLED | UNSUPPORTED) - {"$defs", "definitions"},
+                lambda a, b: self.exclusive(a, b, where),
+            )
+        except NotExpressible as exc:
+            keyword = str(exc).split(":", 1)[0]
+            self.unsupported(keyword if keyword in LOGIC_KEYWORDS else "not", where, f" ({exc})")
+            return base
+        if not extra:
+            return base
+        out = {"allOf": [base, *extra]}
+        self.keep.append(out)
+        return out
+
+    def check(self, value: Any, schema: Any, where: str) -> bool:
+        """Whether the enum/const `value` satisfies `schema` (its other keywords); a keyword the check
+        cannot evaluate is unsupported (under `lenient`, the value is kept)."""
+        try:
+            return check_value(value, schema, lambda ref: self.resolve(ref["$ref"], where), FORMATS)
+        except Undecided as exc:
+            self.unsupported("enum", where, f" (cannot check its values against {exc})")
+            return True
+
+    def exclusive(self, a: Any, b: Any, where: str) -> bool:
+        """True if no instance can match both schemas (disjoint types, or a required discriminator)."""
+        a, b = self.deref(a, where), self.deref(b, where)
+        ka, kb = self.kinds(a, where), self.kinds(b, where)
+        common = (set(ALL_TYPES) if ka is None else ka) & (set(ALL_TYPES) if kb is None else kb)
+        if not common:
+            return True
+        if common != {"object"}:  # keywords on objects say nothing of other values
+            return False
+        return self.discriminated(a, b, where) or self.forbids(a, b, where) or self.forbids(b, a, where)
+
+    def forbids(self, a: Any, b: Any, where: str) -> bool:
+        """`a` requires a property that `b` does not allow (`false` schema, or closed without it)."""
+        if not (isinstance(a, dict) and isinstance(b, dict)):
+            return False
+        props = b.get("properties", {})
+        for name in a.get("required", []):
+            if name in props:
+                if self.deref(props[name], where) is False:
+                    return True
+            elif b.get("additionalProperties", True) is False and not any(
+                re.search(p, name) for p in b.get("patternProperties", {})
+            ):
+                return True
+        return False
+
     def merge(self, schemas: list, where: str) -> dict:
         """The conjunction of schemas, when it is a plain merge (no keyword set twice to different values)."""
+        for s in schemas:  # an enum/const member: the conjunction is its values that satisfy every member
+            target = self.deref(s, where)
+            if isinstance(target, dict) and ("enum" in target or "const" in target):
+                values = [target["const"]] if "const" in target else target["enum"]
+                if isinstance(values, list):
+                    resolve = lambda ref: self.resolve(ref["$ref"], where)  # noqa: E731
+                    try:
+                        return {
+                            "enum": [
+                                x for x in values if all(check_value(x, m, resolve, FORMATS) for m in schemas)
+                            ]
+                        }
+                    except Undecided:
+                        pass  # lower the conjunction instead
+                break
         out: dict = {}
+        objects: list[dict] = []  # the schemas that say something of object members
         for s in schemas:
             if s is True:
                 continue
@@ -487,26 +696,35 @@ class _Lowering:
                 return {"enum": []}
             if not isinstance(s, dict):
                 raise SpecError(f"schema at {where} must be an object or a boolean")
-            while "$ref" in s:
+            s = self.rewrite(s, where)
+            if "$ref" in s:
                 target = self.resolve(s["$ref"], where)
-                s = {
-                    **{k: v for k, v in s.items() if k != "$ref"},
-                    **(target if isinstance(target, dict) else {}),
-                }
+                rest = {k: v for k, v in s.items() if k != "$ref"}
+                s = self.merge([target, rest], where) if rest else target
+                if s is True:
+                    continue
+                if s is False or not isinstance(s, dict):
+                    return self.merge([s], where)
             if "allOf" in s:
-                s = self.merge([{k: v for k, v in s.items() if k != "allOf"}, *s["allOf"]], where)
+                s = self.merge([*s["allOf"], {k: v for k, v in s.items() if k != "allOf"}], where)
+            if any(k in s for k in _MEMBER_KEYS):
+                objects.append(s)
             for k, v in s.items():
-                if k in ANNOTATIONS or (k not in HANDLED and k not in UNSUPPORTED):
+                if k in ANNOTATIONS or (k not in HANDLED and k not in UNSUPPORTED) or k in _MEMBER_KEYS:
                     continue
                 if k not in out:
                     out[k] = v
-                elif k == "properties":
-                    props = dict(out[k])
-                    for p, ps in v.items():
-                        props[p] = self.merge([props[p], ps], f"{where}/properties/{p}") if p in props else ps
-                    out[k] = props
                 elif k == "required":
                     out[k] = list(dict.fromkeys([*out[k], *v]))
+                elif k in (NOT_ENUM, NOT_PATTERN):
+                    out[k] = [*out[k], *v]
+                elif k == "anyOf":  # (A1 or A2) and (B1 or B2): every pair, within a bound
+                    if len(out[k]) * len(v) > MAX_BRANCHES:
+                        self.unsupported(
+                            "anyOf", where, f" (a conjunction of more than {MAX_BRANCHES} branches)"
+                        )
+                        continue
+                    out[k] = [{"allOf": [a, b]} for a in out[k] for b in v]
                 elif k == "type":
                     a = {out[k]} if isinstance(out[k], str) else set(out[k])
                     b = {v} if isinstance(v, str) else set(v)
@@ -514,12 +732,61 @@ class _Lowering:
                     if "number" in a and "integer" in b or "number" in b and "integer" in a:
                         both.add("integer")
                     out[k] = sorted(both)
-                elif k in ("minimum", "minLength", "minItems", "exclusiveMinimum"):
+                elif k in ("minimum", "minLength", "minItems", "exclusiveMinimum", "minProperties"):
                     out[k] = max(out[k], v)
-                elif k in ("maximum", "maxLength", "maxItems", "exclusiveMaximum"):
+                elif k in ("maximum", "maxLength", "maxItems", "exclusiveMaximum", "maxProperties"):
                     out[k] = min(out[k], v)
                 elif out[k] != v:
                     self.unsupported("allOf", where, f" (both branches set {k!r})")
+        if len(objects) == 1:
+            out.update({k: objects[0][k] for k in _MEMBER_KEYS if k in objects[0]})
+        elif objects:
+            out.update(self.merge_members(objects, where))
+        return out
+
+    def merge_members(self, objects: list[dict], where: str) -> dict:
+        """`properties`/`patternProperties`/`additionalProperties` of the conjunction of `objects`: each
+        member's value must satisfy what every object says of that member (its property schema, else its
+        pattern's, else its additionalProperties)."""
+        with_patterns = [o for o in objects if o.get("patternProperties")]
+        if len(with_patterns) > 1:
+            self.unsupported("allOf", where, " (patternProperties in more than one branch)")
+
+        def member(o: dict, name: str) -> Any:
+            props, pats = o.get("properties", {}), o.get("patternProperties") or {}
+            hits = [ps for pat, ps in pats.items() if re.search(pat, name)]
+            if name in props:
+                return self.conjoin([props[name], *hits])
+            return self.conjoin(hits) if hits else o.get("additionalProperties", True)
+
+        # Schema order: where a property is first declared with a schema other than `false` (a `false`
+        # property cannot appear, so where it is listed says nothing of the order).
+        listed = [(n, ps is False) for o in objects for n, ps in o.get("properties", {}).items()]
+        names = list(dict.fromkeys([n for n, no in listed if not no] + [n for n, no in listed if no]))
+        out: dict = {
+            "properties": {
+                n: self.merge([member(o, n) for o in objects], f"{where}/properties/{n}") for n in names
+            }
+        }
+        extras = [o.get("additionalProperties", True) for o in objects]
+        if with_patterns:
+            others = [o.get("additionalProperties", True) for o in objects if o is not with_patterns[0]]
+            out["patternProperties"] = {
+                pat: self.conjoin([ps, *others]) for pat, ps in with_patterns[0]["patternProperties"].items()
+            }
+        if any(x is not True for x in extras):
+            out["additionalProperties"] = self.conjoin(extras)
+        return out
+
+    def conjoin(self, schemas: list) -> Any:
+        """A schema for the conjunction of `schemas` (True dropped; one left is returned as is)."""
+        rest = [x for x in schemas if x is not True]
+        if not rest:
+            return True
+        if len(rest) == 1:
+            return rest[0]
+        out = {"allOf": rest}
+        self.keep.append(out)
         return out
 
     def literal(self, value: Any, where: str) -> tuple[str, ...]:
@@ -556,10 +823,10 @@ class _Lowering:
 
     # -- types -----------------------------------------------------------------------------------------
     def type_null(self, schema: dict, where: str) -> list[tuple[str, ...]]:
-        return [(self.term("null"),)]
+        return [(self.term("null"),)] if self.admits(schema, None) else []
 
     def type_boolean(self, schema: dict, where: str) -> list[tuple[str, ...]]:
-        return [(self.term("true"),), (self.term("false"),)]
+        return [(self.term(json.dumps(b)),) for b in (True, False) if self.admits(schema, b)]
 
     def bounds(self, schema: dict, where: str) -> tuple[float | None, bool, float | None, bool]:
         lo, lo_x, hi, hi_x = schema.get("minimum"), False, schema.get("maximum"), False
@@ -648,19 +915,28 @@ class _Lowering:
             parts.append('"' + FORMATS[fmt] + '"')
         if count != "*" or not parts:
             parts.append('"' + _CHAR + count + '"')
-        if len(parts) == 1:
+        # negations (from `not`): strings matching none of these
+        minus = ['"' + self.json_pattern(x, where) + '"' for x in schema.get(NOT_PATTERN, ())]
+        excluded = [v for v in schema.get(NOT_ENUM, ()) if isinstance(v, str)]
+        if excluded:
+            minus.append("|".join(string_literal_regex(v) for v in excluded))
+        if len(parts) == 1 and not minus:
             return [(self.term(parts[0]),)]
-        return [(self.intersection(parts),)]
+        return [(self.intersection(parts, minus),)]
 
-    def intersection(self, patterns: list[str]) -> str:
-        """A terminal for the strings every pattern matches (a DFA product: Python regex has no `and`)."""
-        key = "\x00and:" + json.dumps(patterns)
+    def intersection(self, patterns: list[str], minus: list[str] | None = None) -> str:
+        """A terminal for the strings every pattern matches and no `minus` pattern matches (DFA products:
+        Python regex has no `and` or `not`)."""
+        minus = minus or []
+        key = "\x00and:" + json.dumps(patterns) + ("\x00minus:" + json.dumps(minus) if minus else "")
         name = self.terminals.get(key)
         if name is None:
             name = self.terminals[key] = f"T{len(self.terminals)}"
             dfa = pattern_dfa(patterns[0], 0, "string")
             for p in patterns[1:]:
                 dfa = product_dfa(dfa, pattern_dfa(p, 0, "string"), "and")
+            for p in minus:
+                dfa = product_dfa(dfa, pattern_dfa(p, 0, "string"), "minus")
             self.dfas[key] = dfa
         return name
 
@@ -780,38 +1056,38 @@ class _Lowering:
             extra_pair = self.fresh("extra")
             for key, value_schema, at in extra_keys:
                 self.rule(extra_pair, key, colon, self.value(value_schema, at))
-        memo: dict[tuple[int, bool], str | None] = {}
+        pairs = {
+            n: (self.term(string_literal_regex(n)), colon, self.value(schemas[n], f"{where}/properties/{n}"))
+            for n in names
+        }
+        lo_p, hi_p = self.property_counts(schema, where)
+        members = ObjectMembers(self, names, pairs, required_set, extra_pair, comma, lo_p, hi_p)
+        if self.property_order == "any" and (len(names) > 1 or (names and extra_pair is not None)):
+            if len(names) > MAX_ANY_ORDER_PROPERTIES:
+                self.unsupported(
+                    "properties",
+                    where,
+                    f" in any order ({len(names)} properties; at most {MAX_ANY_ORDER_PROPERTIES}:"
+                    " the grammar grows as 2^n); lenient falls back to schema order",
+                )
+                return [(lb, members.schema_order(), rb)]
+            return [(lb, members.any_order(), rb)]
+        return [(lb, members.schema_order(), rb)]
 
-        def rest(i: int, emitted: bool) -> str | None:
-            """Non-terminal for properties i.. (None when only the empty string is possible)."""
-            if (i, emitted) in memo:
-                return memo[(i, emitted)]
-            name = self.fresh("props")
-            memo[(i, emitted)] = name
-            if i == len(names):
-                if extra_pair is None:
-                    self.rule(name)
-                else:
-                    loop = self.fresh("extras")
-                    self.rule(loop)
-                    self.rule(loop, loop, comma, extra_pair)
-                    self.rule(name)
-                    self.rule(name, *((comma,) if emitted else ()), extra_pair, loop)
-                return name
-            n = names[i]
-            pair = (
-                self.term(string_literal_regex(n)),
-                colon,
-                self.value(schemas[n], f"{where}/properties/{n}"),
+    def property_counts(self, schema: dict, where: str) -> tuple[int, int | None]:
+        """(minProperties, maxProperties or None), validated."""
+        lo, hi = schema.get("minProperties", 0), schema.get("maxProperties")
+        for k, v in (("minProperties", lo), ("maxProperties", hi)):
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 0):
+                raise SpecError(f"{k} at {where} must be a non-negative integer, got {v!r}")
+        if hi is not None and hi > MAX_COUNTED_PROPERTIES or lo > MAX_COUNTED_PROPERTIES:
+            self.unsupported(
+                "maxProperties" if hi is not None and hi > MAX_COUNTED_PROPERTIES else "minProperties",
+                where,
+                f" (counts above {MAX_COUNTED_PROPERTIES})",
             )
-            nxt = rest(i + 1, True)
-            self.rule(name, *((comma,) if emitted else ()), *pair, nxt)
-            if n not in required_set:
-                self.rule(name, rest(i + 1, emitted))
-            return name
-
-        body = rest(0, False)
-        return [(lb, body, rb)]
+            return 0, None
+        return lo, hi
 
     def key_class(self, kind: str, tag: str, names: list[str], matching: str) -> str:
         """A terminal for keys not in `names` that match (`kind="match"`) or do not match the JSON-string
@@ -848,50 +1124,14 @@ class _Lowering:
         return name
 
 
+@lru_cache(maxsize=2048)
 def product_dfa(a: ByteDFA, b: ByteDFA, mode: str) -> ByteDFA:
     """The minimal DFA of L(a) minus L(b) (`mode="minus"`) or L(a) and L(b) (`"and"`), by a product.
 
+    Cached by the operands' identity (DFAs from `pattern_dfa` are shared, so repeated names sets hit).
     Raises `CompileLimitError` past `MAX_DFA_STATES` product states.
     """
-    if a.start < 0 or (mode == "and" and b.start < 0):
-        return ByteDFA.empty()
-    start = (a.start, b.start)
-    ids = {start: 0}
-    pairs = [start]
-    rows = []
-    dead_row = np.full(256, -1, dtype=np.int64)
-    i = 0
-    while i < len(pairs):
-        p, q = pairs[i]
-        ta = a.transitions[p].astype(np.int64)
-        tb = b.transitions[q].astype(np.int64) if q >= 0 else dead_row
-        live = ta >= 0
-        if mode == "and":
-            live &= tb >= 0
-        codes = np.where(live, ta * (b.n_states + 1) + tb + 1, -1)
-        uniq, inverse = np.unique(codes, return_inverse=True)
-        targets = np.empty(len(uniq), dtype=np.int32)
-        for u, code in enumerate(uniq.tolist()):
-            if code < 0:
-                targets[u] = -1
-                continue
-            key = (code // (b.n_states + 1), code % (b.n_states + 1) - 1)
-            j = ids.get(key)
-            if j is None:
-                if len(pairs) >= MAX_DFA_STATES:
-                    raise CompileLimitError(
-                        f"a product of string automata needs more than {MAX_DFA_STATES} states"
-                    )
-                j = ids[key] = len(pairs)
-                pairs.append(key)
-            targets[u] = j
-        rows.append(targets[np.asarray(inverse).reshape(-1)])
-        i += 1
-    if mode == "and":
-        accepting = np.asarray([bool(a.accepting[p]) and q >= 0 and bool(b.accepting[q]) for p, q in pairs])
-    else:
-        accepting = np.asarray([bool(a.accepting[p]) and not (q >= 0 and b.accepting[q]) for p, q in pairs])
-    return minimize(np.stack(rows), accepting, 0, np.arange(256))
+    return _product_dfa(a, b, mode, MAX_DFA_STATES)
 
 
 def _json_type(value: Any) -> str:
@@ -1072,6 +1312,7 @@ def json_schema(
     whitespace: str = "flexible",
     max_whitespace: int = 20,
     lenient: bool = False,
+    property_order: str = "schema",
 ) -> JsonSchemaConstraint:
     """A token constraint for JSON values valid under `schema`.
 
@@ -1080,6 +1321,9 @@ def json_schema(
         whitespace: "flexible" (default), "compact" or "indented" (see the module docstring).
         max_whitespace: the most whitespace characters per gap (flexible) or spaces per line (indented).
         lenient: skip keywords we cannot enforce (listed in `.ignored`) instead of raising.
+        property_order: "schema" (default: declared properties in the schema's order, extra ones after them)
+            or "any" (members in any order, each declared property at most once; objects with more than
+            `MAX_ANY_ORDER_PROPERTIES` declared properties raise `UnsupportedError`).
 
     Raises:
         UnsupportedError: a validation keyword that cannot be enforced exactly (message names it and where).
@@ -1107,7 +1351,13 @@ def json_schema(
             ) from exc
     if not isinstance(schema, dict | bool):
         raise SpecError(f"a JSON schema must be an object or a boolean, got {type(schema).__name__}")
-    low = _Lowering(schema, whitespace=whitespace, max_whitespace=max_whitespace, lenient=lenient)
+    low = _Lowering(
+        schema,
+        whitespace=whitespace,
+        max_whitespace=max_whitespace,
+        lenient=lenient,
+        property_order=property_order,
+    )
     try:
         top = low.value(schema, "#")
     except RecursionError as exc:

@@ -25,6 +25,7 @@ from constrain.errors import CompileLimitError
 from constrain.vocab import Vocabulary
 
 from .dfa import ByteDFA
+from .product import product
 
 MAX_LEXER_STATES = 50_000
 SPARSE_IDS = 1024  # walk results with at most this many tokens are stored as ids, not a full mask
@@ -40,51 +41,27 @@ class Lexer:
         transitions: int32 (n_states, 256).
         accepting: bool (n_states,): some terminal accepts here.
         accepts: per state, the indices (into the terminals this lexer was built from) that accept there.
-        rows: `transitions` as nested lists (fast stepping from Python).
     """
 
     def __init__(self, dfas: Sequence[ByteDFA], name: str = ""):
         self.name = name
-        # A product state is the sparse tuple of its live components (terminal index, DFA state): after a
-        # byte or two only a few terminals are alive, so the work per state stays small with many terminals.
-        start = tuple((j, d.start) for j, d in enumerate(dfas) if d.start >= 0)
-        ids: dict[tuple[tuple[int, int], ...], int] = {start: 0}
-        tuples = [start]
-        rows: list[np.ndarray] = []
-        i = 0
-        while i < len(tuples):
-            tup = tuples[i]
-            if not tup:
-                rows.append(np.full(256, -1, dtype=np.int32))
-                i += 1
-                continue
-            m = np.stack([dfas[j].transitions[s] for j, s in tup], axis=1)  # (256, live)
-            uniq, inverse = np.unique(m, axis=0, return_inverse=True)
-            targets = np.empty(len(uniq), dtype=np.int32)
-            for u, col in enumerate(uniq.tolist()):
-                key = tuple((j, t) for (j, _), t in zip(tup, col, strict=True) if t >= 0)
-                if not key:
-                    targets[u] = -1
-                    continue
-                nxt = ids.get(key)
-                if nxt is None:
-                    if len(tuples) >= MAX_LEXER_STATES:
-                        raise CompileLimitError(
-                            f"the lexer for terminals {name} needs more than {MAX_LEXER_STATES} states"
-                        )
-                    nxt = len(tuples)
-                    ids[key] = nxt
-                    tuples.append(key)
-                targets[u] = nxt
-            rows.append(targets[np.asarray(inverse).reshape(-1)])
-            i += 1
-        self.transitions = np.ascontiguousarray(np.stack(rows), dtype=np.int32)
-        self.accepts: list[tuple[int, ...]] = [
-            tuple(j for j, s in tup if dfas[j].accepting[s]) for tup in tuples
-        ]
-        self.accepting = np.asarray([bool(a) for a in self.accepts], dtype=np.bool_)
-        self.rows: list[list[int]] = self.transitions.tolist()
-        self.n_states = len(tuples)
+        # A product state is the set of its live components (terminal, DFA state); built by a numba kernel.
+        prod = product(dfas, max_states=MAX_LEXER_STATES, what=f"the lexer for terminals {name}")
+        self.transitions = prod.transitions
+        self.accepts: list[tuple[int, ...]] = [prod.accept_sets[i] for i in prod.accept_id.tolist()]
+        self.accepting = np.asarray([bool(a) for a in prod.accept_sets], dtype=np.bool_)[prod.accept_id]
+        self.n_states = prod.n_states
+        self._rows: list[list[int] | None] = [None] * self.n_states
+
+    def row(self, state: int) -> list[int]:
+        """Row `state` of `transitions` as a list (stepping from Python is faster on lists).
+
+        Rows are converted on first use: a big lexer's whole table costs more than the steps taken in it.
+        """
+        row = self._rows[state]
+        if row is None:
+            row = self._rows[state] = self.transitions[state].tolist()
+        return row
 
     def __repr__(self) -> str:
         return f"Lexer({self.name}: {self.n_states} states)"
@@ -113,19 +90,22 @@ def _walk(
     token_ids: np.ndarray,
     max_depth: int,
     out: np.ndarray,
+    ids: np.ndarray,
     b_nodes: np.ndarray,
     b_states: np.ndarray,
 ) -> tuple[int, int, int]:
     """Walk the subtrees below `roots` from lexer state `start`.
 
-    Sets in `out` (uint32 words) every token whose bytes below its root keep the lexer alive; records in
+    Finds every token whose bytes below its root keep the lexer alive: the first `len(ids)` of them are
+    written to `ids`; past that, all of them are set in `out` (uint32 words) instead. Records in
     `b_nodes`/`b_states` each node with children where the lexer accepts (a lexeme may end there).
-    Returns (number of boundaries, or -1 if the buffers were too small; tokens set; trie nodes visited).
+    Returns (number of boundaries, or -1 if the buffers were too small; tokens found; trie nodes visited).
     """
     states = np.empty(max_depth + 2, dtype=np.int32)
     nb = 0
     visited = 0
     cap = b_nodes.shape[0]
+    n_ids = ids.shape[0]
     n_tok = 0
     for r in range(roots.shape[0]):
         root = roots[r]
@@ -141,7 +121,14 @@ def _walk(
                 continue
             for k in range(token_start[i], token_start[i + 1]):
                 t = token_ids[k]
-                out[t >> 5] |= np.uint32(1) << np.uint32(t & 31)
+                if n_tok < n_ids:
+                    ids[n_tok] = t
+                else:
+                    if n_tok == n_ids:  # too many for ids: move them to the mask
+                        for q in range(n_ids):
+                            u = ids[q]
+                            out[u >> 5] |= np.uint32(1) << np.uint32(u & 31)
+                    out[t >> 5] |= np.uint32(1) << np.uint32(t & 31)
                 n_tok += 1
             if accepting[s] and node_end[i] > i + 1:
                 if nb >= cap:
@@ -200,6 +187,7 @@ class Frontier:
             return hit
         trie = vocab.trie
         words = np.zeros((vocab.vocab_size + 31) // 32, dtype=np.uint32)
+        ids = np.empty(SPARSE_IDS, dtype=np.int32)
         cap = 4096
         while True:
             b_nodes = np.empty(cap, dtype=np.int32)
@@ -211,6 +199,7 @@ class Frontier:
                 self.nodes,
                 *trie.walk_arrays,
                 words,
+                ids,
                 b_nodes,
                 b_states,
             )
@@ -228,8 +217,7 @@ class Frontier:
         if n_tok == 0:
             result = WalkResult(None, None, result_groups)
         elif n_tok <= SPARSE_IDS:
-            bits = np.unpackbits(words.view(np.uint8), bitorder="little")
-            result = WalkResult(None, np.flatnonzero(bits).astype(np.int32), result_groups)
+            result = WalkResult(None, ids[:n_tok].copy(), result_groups)
         else:
             words.setflags(write=False)
             result = WalkResult(words, None, result_groups)
