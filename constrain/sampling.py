@@ -7,14 +7,16 @@
 The semantics (order of the filters, ties, randomness, logprobs) are defined in
 `constrain.kernels.torch_sampling.masked_sample_torch` and docs/sampling.md. This module only adds the checks:
 bad tensors raise `BitmaskError` or `ConstraintError`, a row that allows nothing raises `NoAllowedTokenError`.
+Checks of values that live on the GPU (NaN logits, empty rows, parameter or index tensors already there) are
+read back once, after the kernels are launched: one synchronisation per call, none before the launch.
 """
 
 from __future__ import annotations
 
 import math
 import numbers
-from collections.abc import Sequence
-from typing import Literal
+from collections.abc import Callable, Sequence
+from typing import Literal, NoReturn
 
 import torch
 from torch import Tensor
@@ -49,10 +51,21 @@ def _check_bitmask(bitmask: object, vocab_size: int, device: torch.device) -> Te
     return bitmask
 
 
+# A check of values on an accelerator, read back later with the others: (0-d bool "bad" tensor, raiser).
+_Deferred = list[tuple[Tensor, Callable[[], NoReturn]]]
+
+
+def _on_host(tensor: Tensor) -> bool:
+    """True when reading `tensor`'s values costs no device synchronisation."""
+    return tensor.device.type == "cpu"
+
+
 def _check_indices(
-    indices: Tensor | Sequence[int] | None, num_rows: int, device: torch.device
+    indices: Tensor | Sequence[int] | None, num_rows: int, device: torch.device, deferred: _Deferred
 ) -> Tensor | None:
-    """`indices` as an int64 tensor on `device`; `ConstraintError` unless 1-D integers in [0, num_rows)."""
+    """`indices` as int64 on `device` (a host tensor is checked there, then copied without a synchronisation);
+    `ConstraintError` unless 1-D integers in [0, num_rows). The range check of a tensor already on an
+    accelerator goes to `deferred` instead (read back once, after the launch)."""
     if indices is None:
         return None
     if not isinstance(indices, Tensor):
@@ -68,12 +81,19 @@ def _check_indices(
         raise ConstraintError(f"indices must have an integer dtype (int64), got {indices.dtype}")
     if indices.ndim != 1:
         raise ConstraintError(f"indices must be 1-D, got shape {tuple(indices.shape)}")
-    indices = indices.to(device=device, dtype=torch.int64)
-    bad = ((indices < 0) | (indices >= num_rows)).nonzero(as_tuple=True)[0]
-    if bad.numel():
-        k = int(bad[0])
+    indices = indices.to(torch.int64)
+
+    def raise_bad() -> NoReturn:
+        k = int(((indices < 0) | (indices >= num_rows)).nonzero(as_tuple=True)[0][0])
         raise ConstraintError(f"indices[{k}] = {int(indices[k])} is out of range for {num_rows} logits rows")
-    return indices
+
+    bad = ((indices < 0) | (indices >= num_rows)).any()
+    if _on_host(indices):
+        if bool(bad):
+            raise_bad()
+        return kernels.to_device_nonblocking(indices, device)
+    deferred.append((bad, raise_bad))
+    return indices.to(device)
 
 
 def _check_param(
@@ -81,6 +101,7 @@ def _check_param(
     value: object,
     num_rows: int,
     device: torch.device,
+    deferred: _Deferred,
     *,
     integer: bool,
     low: float,
@@ -89,8 +110,9 @@ def _check_param(
 ) -> float | int | Tensor:
     """Check a sampling parameter (a python number or an `(N,)` tensor) against [low, high] / (low, high].
 
-    Returns the scalar, or the tensor as float32/int64 on `device`. Raises `ConstraintError` naming the
-    parameter, and for a tensor the first offending row.
+    Returns the scalar, or the tensor as float32/int64 on `device` (a host tensor is checked there, then
+    copied without a synchronisation). Raises `ConstraintError` naming the parameter, and for a tensor the
+    first offending row; the value check of a tensor already on an accelerator goes to `deferred` instead.
     """
     interval = f"{'(' if low_open else '['}{low}, {high}{')' if high == math.inf else ']'}"
     if isinstance(value, Tensor):
@@ -102,14 +124,20 @@ def _check_param(
             raise ConstraintError(f"{name} must be an integer tensor, got dtype {value.dtype}")
         if not integer and not value.dtype.is_floating_point:
             raise ConstraintError(f"{name} must be a floating-point tensor, got dtype {value.dtype}")
-        value = value.to(device=device, dtype=torch.int64 if integer else torch.float32)
-        if num_rows:
-            below = value <= low if low_open else value < low
-            bad = (below | (value > high) | ~torch.isfinite(value.float())).nonzero(as_tuple=True)[0]
-            if bad.numel():
-                i = int(bad[0])
-                raise ConstraintError(f"{name}[{i}] = {value[i].item()} is outside {interval}")
-        return value
+        value = value.to(torch.int64 if integer else torch.float32)
+        below = value <= low if low_open else value < low
+        bad_rows = below | (value > high) | ~torch.isfinite(value.float())
+
+        def raise_bad() -> NoReturn:
+            i = int(bad_rows.nonzero(as_tuple=True)[0][0])
+            raise ConstraintError(f"{name}[{i}] = {value[i].item()} is outside {interval}")
+
+        if _on_host(value):
+            if num_rows and bool(bad_rows.any()):
+                raise_bad()
+            return kernels.to_device_nonblocking(value, device)
+        deferred.append((bad_rows.any(), raise_bad))
+        return value.to(device)
     kind = numbers.Integral if integer else numbers.Real
     if isinstance(value, bool) or not isinstance(value, kind):
         expected = "an int" if integer else "a float"
@@ -120,8 +148,9 @@ def _check_param(
     return int(value) if integer else float(value)
 
 
-def _check_seeds(seeds: object, generator: object, num_rows: int, device: torch.device) -> Tensor | None:
-    """`seeds` as int64 on `device`; `ConstraintError` for a bad shape or dtype, or seeds and generator."""
+def _check_seeds(seeds: object, generator: object, num_rows: int) -> Tensor | None:
+    """`seeds` as int64 (where they are: the kernels copy them without a synchronisation); `ConstraintError`
+    for a bad shape or dtype, or for both seeds and generator."""
     if generator is not None and not isinstance(generator, torch.Generator):
         raise ConstraintError(f"generator must be a torch.Generator, got {type(generator).__name__}")
     if seeds is None:
@@ -133,19 +162,29 @@ def _check_seeds(seeds: object, generator: object, num_rows: int, device: torch.
         raise ConstraintError(f"seeds must be an int64 tensor of shape ({num_rows},), got {shape}")
     if seeds.dtype.is_floating_point or seeds.dtype.is_complex or seeds.dtype == torch.bool:
         raise ConstraintError(f"seeds must have an integer dtype (int64), got {seeds.dtype}")
-    return seeds.to(device=device, dtype=torch.int64)
+    return seeds.to(torch.int64)
 
 
-def _check_finite_rows(logits: Tensor, indices: Tensor | None) -> None:
-    """Raise `ConstraintError` if a logits row that is sampled from holds NaN or +inf (-inf is allowed)."""
-    used = None if indices is None else torch.unique(indices)
+def _raise_nonfinite(logits: Tensor, indices: Tensor | None) -> NoReturn:
+    """Raise `ConstraintError` naming the first NaN or +inf in a logits row that is sampled from."""
+    used = None if indices is None else torch.unique(indices.to(logits.device))
     rows = logits if used is None else logits[used]
-    bad = torch.isnan(rows) | torch.isposinf(rows)
-    if bool(bad.any()):
-        row, token = (int(v) for v in bad.nonzero()[0])
-        row = row if used is None else int(used[row])
-        value = logits[row, token].item()
-        raise ConstraintError(f"logits[{row}, {token}] is {value}: logits must be finite or -inf")
+    bad = (torch.isnan(rows) | torch.isposinf(rows)).nonzero()
+    if not bad.numel():  # the status bit and this scan disagree: a kernel bug, never ignored
+        raise ConstraintError("the sampler reported NaN or +inf logits, but none were found (a kernel bug)")
+    row, token = (int(v) for v in bad[0])
+    row = row if used is None else int(used[row])
+    value = logits[row, token].item()
+    raise ConstraintError(f"logits[{row}, {token}] is {value}: logits must be finite or -inf")
+
+
+def _read_back(status: Tensor, deferred: _Deferred) -> tuple[int, list[bool]]:
+    """The status word and the deferred checks' flags, in one device read."""
+    if not deferred:
+        return int(status.item()), []
+    flags = torch.stack([bad for bad, _ in deferred]).to(device=status.device, dtype=torch.int32)
+    values = torch.cat([status.reshape(1), flags]).tolist()
+    return values[0], [bool(v) for v in values[1:]]
 
 
 def apply_bitmask_(logits: Tensor, bitmask: Tensor, indices: Tensor | Sequence[int] | None = None) -> Tensor:
@@ -166,7 +205,11 @@ def apply_bitmask_(logits: Tensor, bitmask: Tensor, indices: Tensor | Sequence[i
         if bitmask.shape[0] != num_rows:
             raise BitmaskError(f"bitmask has {bitmask.shape[0]} rows but logits have {num_rows}")
     else:
-        indices = _check_indices(indices, num_rows, logits.device)
+        deferred: _Deferred = []
+        indices = _check_indices(indices, num_rows, logits.device, deferred)
+        for bad, raise_bad in deferred:  # in place on the logits: check before the kernel writes
+            if bool(bad):
+                raise_bad()
         if indices.numel() and int(indices.max()) >= bitmask.shape[0]:
             raise BitmaskError(
                 f"indices name row {int(indices.max())} but the bitmask has only {bitmask.shape[0]} rows"
@@ -201,8 +244,10 @@ def masked_sample(
     filters). on_empty: "raise" (default) raises for a row that allows no token with a finite logit; "return"
     gives token -1 (logprob -inf) for such rows.
 
-    The exact semantics are `constrain.kernels.torch_sampling.masked_sample_torch`'s. Checking the parameter
-    tensors and the empty rows reads values back from the device (a synchronisation on CUDA).
+    The exact semantics are `constrain.kernels.torch_sampling.masked_sample_torch`'s. Values on the GPU (NaN
+    logits, empty rows, parameter or index tensors already there) are checked with a single read after the
+    kernels are launched: one synchronisation per call on CUDA, and none before the launch. (To capture
+    sampling in a CUDA graph, call the unchecked `constrain.kernels.masked_sample` with seeds on the device.)
 
     Raises `BitmaskError` (bitmask dtype/shape/device, rows not matching the logits or indices),
     `ConstraintError` (bad logits, NaN/+inf logits, parameters out of range, bad indices/seeds/generator) and
@@ -212,7 +257,8 @@ def masked_sample(
     device = logits.device
     _check_bitmask(bitmask, vocab_size, device)
     num_rows = bitmask.shape[0]
-    indices = _check_indices(indices, num_logit_rows, device)
+    deferred: _Deferred = []
+    indices = _check_indices(indices, num_logit_rows, device, deferred)
     if indices is None and num_rows != num_logit_rows:
         raise BitmaskError(f"bitmask has {num_rows} rows but logits have {num_logit_rows} (and no indices)")
     if indices is not None and indices.shape[0] != num_rows:
@@ -220,21 +266,29 @@ def masked_sample(
     if on_empty not in ("raise", "return"):
         raise ConstraintError(f"on_empty must be 'raise' or 'return', got {on_empty!r}")
     inf = float("inf")
+
+    def param(name: str, value: object, **limits: object) -> float | int | Tensor:
+        return _check_param(name, value, num_rows, device, deferred, **limits)
+
     params = {
-        "temperature": _check_param(
-            "temperature", temperature, num_rows, device, integer=False, low=0, high=inf
-        ),
-        "top_k": _check_param("top_k", top_k, num_rows, device, integer=True, low=0, high=inf),
-        "top_p": _check_param("top_p", top_p, num_rows, device, integer=False, low=0, high=1, low_open=True),
-        "min_p": _check_param("min_p", min_p, num_rows, device, integer=False, low=0, high=1),
+        "temperature": param("temperature", temperature, integer=False, low=0, high=inf),
+        "top_k": param("top_k", top_k, integer=True, low=0, high=inf),
+        "top_p": param("top_p", top_p, integer=False, low=0, high=1, low_open=True),
+        "min_p": param("min_p", min_p, integer=False, low=0, high=1),
     }
     # k > V keeps every token, so clamping is exact (and keeps a huge python int out of int64 overflow).
     k = params["top_k"]
     params["top_k"] = k.clamp(max=vocab_size) if isinstance(k, Tensor) else min(k, vocab_size)
-    seeds = _check_seeds(seeds, generator, num_rows, device)
-    _check_finite_rows(logits, indices)
+    seeds = _check_seeds(seeds, generator, num_rows)
+    if deferred and kernels.backend(device) != "triton":
+        # The reference indexes with `indices` directly: read the checks before it runs (the fused kernels
+        # are memory-safe on bad values, so there they are read with the status, after the launch).
+        for bad, raise_bad in deferred:
+            if bool(bad):
+                raise_bad()
+        deferred = []
 
-    result = kernels.masked_sample(
+    tokens, logprobs, status = kernels.masked_sample_status(
         logits,
         bitmask,
         **params,
@@ -243,12 +297,16 @@ def masked_sample(
         indices=indices,
         return_logprobs=return_logprobs,
     )
-    tokens = result[0] if return_logprobs else result
-    if on_empty == "raise":
+    code, bad = _read_back(status, deferred)  # the call's one synchronisation
+    for failed, (_, raise_bad) in zip(bad, deferred, strict=True):
+        if failed:
+            raise_bad()
+    if code & kernels.STATUS_NONFINITE:
+        _raise_nonfinite(logits, indices)
+    if code & kernels.STATUS_EMPTY and on_empty == "raise":
         empty = (tokens < 0).nonzero(as_tuple=True)[0].tolist()
-        if empty:
-            raise NoAllowedTokenError(_empty_rows_message(empty, bitmask, vocab_size, indices))
-    return result
+        raise NoAllowedTokenError(_empty_rows_message(empty, bitmask, vocab_size, indices))
+    return (tokens, logprobs) if return_logprobs else tokens
 
 
 def _empty_rows_message(empty: list[int], bitmask: Tensor, vocab_size: int, indices: Tensor | None) -> str:

@@ -1,10 +1,11 @@
 """constrain.kernels: tensor code only (masking logits with a bitmask, fused masked sampling).
 
-`apply_bitmask_` and `masked_sample` dispatch on the logits' device: CUDA tensors go to the fused Triton
-kernels in `triton_sampling.py` when Triton can be imported and that module exists; everything else goes to
-the torch reference in `torch_sampling.py`, whose docstrings define the semantics both follow. The reference
-functions are also exported by their own names. Inputs are assumed valid: `constrain.sampling` validates them
-and raises `constrain.ConstraintError`. This package imports torch, numba and triton only, nothing of ours.
+`apply_bitmask_`, `masked_sample` and `masked_sample_status` dispatch on the logits' device: CUDA tensors go
+to the fused Triton kernels in `triton_sampling.py` when Triton can be imported and that module exists;
+everything else goes to the torch reference in `torch_sampling.py`, whose docstrings define the semantics both
+follow. The reference functions are also exported by their own names. Inputs are assumed valid:
+`constrain.sampling` validates them and raises `constrain.ConstraintError`. This package imports torch, numba
+and triton only, nothing of ours.
 """
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ from .torch_sampling import (
     masked_sample_torch,
     philox4x32,
     row_seeds,
+    to_device_nonblocking,
+    token_bits,
     unpack_bitmask,
 )
 
@@ -32,11 +35,18 @@ __all__ = [
     "backend",
     "exponential_from_bits",
     "masked_sample",
+    "masked_sample_status",
     "masked_sample_torch",
     "philox4x32",
     "row_seeds",
+    "to_device_nonblocking",
+    "token_bits",
     "unpack_bitmask",
 ]
+
+# Bits of the status word `masked_sample_status` returns.
+STATUS_NONFINITE = 1  # a logits row that is sampled from holds NaN or +inf
+STATUS_EMPTY = 2  # some row got token -1 (no allowed token with a finite logit)
 
 
 @functools.cache
@@ -104,3 +114,55 @@ def masked_sample(
         indices=indices,
         return_logprobs=return_logprobs,
     )
+
+
+def masked_sample_status(
+    logits: Tensor,
+    bitmask: Tensor,
+    *,
+    temperature: float | Tensor = 1.0,
+    top_k: int | Tensor = 0,
+    top_p: float | Tensor = 1.0,
+    min_p: float | Tensor = 0.0,
+    generator: torch.Generator | None = None,
+    seeds: Tensor | None = None,
+    indices: Tensor | None = None,
+    return_logprobs: bool = False,
+) -> tuple[Tensor, Tensor | None, Tensor]:
+    """`masked_sample`'s tokens and logprobs (None unless asked), and a status word; nothing is read back.
+
+    status: int32 `(1,)` on the logits' device: `STATUS_NONFINITE` (bit 0) when a logits row that some output
+    row samples from holds NaN or +inf anywhere (masked or not; the tokens are then unspecified but in
+    [-1, V)), `STATUS_EMPTY` (bit 1) when some token is -1. One 4-byte read tells a caller that every row is
+    fine. The fused kernels compute it in their own pass (and stay memory-safe on invalid input: an index
+    out of range, NaN logits, out-of-range parameter tensors); the reference path costs extra tensor passes
+    and must be given valid indices.
+    """
+    params = dict(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p)
+    if backend(logits.device) == "triton" and bitmask.shape[0] > 0:
+        result = _triton_sampling().sample_full(
+            logits,
+            bitmask,
+            **params,
+            generator=generator,
+            seeds=seeds,
+            indices=indices,
+            return_logprobs=return_logprobs,
+        )
+        return result.tokens, result.logprobs, result.status
+    out = masked_sample_torch(
+        logits,
+        bitmask,
+        **params,
+        generator=generator,
+        seeds=seeds,
+        indices=indices,
+        return_logprobs=return_logprobs,
+    )
+    tokens, logprobs = out if return_logprobs else (out, None)
+    row_bad = (torch.isnan(logits) | torch.isposinf(logits)).any(dim=1)
+    if indices is not None:
+        row_bad = row_bad[indices.to(device=logits.device, dtype=torch.int64)]
+    nonfinite = row_bad.any().to(torch.int32) * STATUS_NONFINITE
+    status = nonfinite | (tokens < 0).any().to(torch.int32) * STATUS_EMPTY
+    return tokens, logprobs, status.reshape(1)

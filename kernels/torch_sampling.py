@@ -26,9 +26,10 @@ __all__ = [
     "exponential_from_bits",
     "masked_sample_torch",
     "philox4x32",
-    "philox_bits",
     "philox_rounds",
     "row_seeds",
+    "to_device_nonblocking",
+    "token_bits",
     "unpack_bitmask",
 ]
 
@@ -90,43 +91,62 @@ def philox4x32(seed: Tensor, counter: Tensor, rounds: int = 10) -> tuple[Tensor,
 
 
 @njit(nogil=True, cache=True)
-def _philox_word0_numba(seeds: np.ndarray, counters: np.ndarray, out: np.ndarray) -> None:  # pragma: no cover
-    """`philox4x32(seeds[i], counters[i])[0]` for each i, on uint64 arrays (`philox_bits`' CPU path)."""
+def _token_bits_numba(seeds: np.ndarray, tokens: np.ndarray, out: np.ndarray) -> None:  # pragma: no cover
+    """`token_bits(seeds[i], tokens[i])` for each i, on uint64 arrays (`token_bits`' CPU path).
+
+    One Philox call serves up to four consecutive entries: runs of the same seed and counter `token >> 2` (the
+    row-major order in which the reference lists a row's tokens) reuse the previous call's four words.
+    """
     mask = np.uint64(0xFFFFFFFF)
     shift = np.uint64(32)
+    have = False
+    last_seed = np.uint64(0)
+    last_counter = np.uint64(0)
+    words = np.zeros(4, dtype=np.uint64)
     for i in range(seeds.size):
-        k0 = seeds[i] & mask
-        k1 = seeds[i] >> shift
-        c0 = counters[i] & mask
-        c1 = np.uint64(0)
-        c2 = np.uint64(0)
-        c3 = np.uint64(0)
-        for _ in range(10):
-            prod_b = np.uint64(_PHILOX_ROUND_B) * c2  # both factors < 2**32: exact in uint64
-            prod_a = np.uint64(_PHILOX_ROUND_A) * c0
-            c0, c1, c2, c3 = (
-                (prod_b >> shift) ^ c1 ^ k0,
-                prod_b & mask,
-                (prod_a >> shift) ^ c3 ^ k1,
-                prod_a & mask,
-            )
-            k0 = (k0 + np.uint64(_PHILOX_KEY_A)) & mask
-            k1 = (k1 + np.uint64(_PHILOX_KEY_B)) & mask
-        out[i] = c0
+        counter = (tokens[i] & mask) >> np.uint64(2)
+        if not have or seeds[i] != last_seed or counter != last_counter:
+            k0 = seeds[i] & mask
+            k1 = seeds[i] >> shift
+            c0 = counter
+            c1 = np.uint64(0)
+            c2 = np.uint64(0)
+            c3 = np.uint64(0)
+            for _ in range(10):
+                prod_b = np.uint64(_PHILOX_ROUND_B) * c2  # both factors < 2**32: exact in uint64
+                prod_a = np.uint64(_PHILOX_ROUND_A) * c0
+                c0, c1, c2, c3 = (
+                    (prod_b >> shift) ^ c1 ^ k0,
+                    prod_b & mask,
+                    (prod_a >> shift) ^ c3 ^ k1,
+                    prod_a & mask,
+                )
+                k0 = (k0 + np.uint64(_PHILOX_KEY_A)) & mask
+                k1 = (k1 + np.uint64(_PHILOX_KEY_B)) & mask
+            words[0], words[1], words[2], words[3] = c0, c1, c2, c3
+            have = True
+            last_seed = seeds[i]
+            last_counter = counter
+        out[i] = words[tokens[i] & np.uint64(3)]
 
 
-def philox_bits(seed: Tensor, counter: Tensor) -> Tensor:
-    """`philox4x32(seed, counter)[0]` for 1-D int64 tensors of one length: the word each sampled token uses.
+def token_bits(seed: Tensor, token: Tensor) -> Tensor:
+    """The Philox word the race uses for token `token` of a row seeded `seed`: word `token & 3` of
+    `philox4x32(seed, token >> 2)`.
 
-    On CPU a numba loop computes it (the torch version costs some 250 tensor passes); elsewhere `philox4x32`.
-    Both give the same integers.
+    One Philox-4x32-10 call (counter `token // 4`) gives the words of four consecutive tokens, so the noise of
+    a row costs V / 4 calls. `seed` and `token` are 1-D int64 tensors of one length (`token` in [0, 2**32));
+    returns int64 holding uint32 values. On CPU a numba loop computes it (the torch version costs some 250
+    tensor passes); elsewhere `philox4x32`. Both give the same integers.
     """
     if seed.device.type != "cpu":
-        return philox4x32(seed, counter)[0]
+        token = token.to(torch.int64)
+        words = torch.stack(philox4x32(seed, token >> 2), dim=-1)
+        return words.gather(-1, (token & 3).unsqueeze(-1)).squeeze(-1)
     seeds = seed.to(torch.int64).contiguous().numpy().view(np.uint64)
-    counters = counter.to(torch.int64).contiguous().numpy().view(np.uint64)
+    tokens = token.to(torch.int64).contiguous().numpy().view(np.uint64)
     out = np.empty(seeds.size, dtype=np.uint64)
-    _philox_word0_numba(seeds, counters, out)
+    _token_bits_numba(seeds, tokens, out)
     return torch.from_numpy(out.view(np.int64))
 
 
@@ -157,13 +177,27 @@ def row_seeds(
     Without `seeds`, one `torch.randint(0, 2**63 - 1, (n,), dtype=torch.int64)` call is made on `generator`
     (on the generator's device; torch's default CPU generator when `generator` is None, so
     `torch.manual_seed` makes it reproducible). Every row draws a seed, greedy rows included, so row `i`'s
-    seed depends only on the generator's state and `i`. The result is moved to `device`.
+    seed depends only on the generator's state and `i`. The result is moved to `device` without waiting for
+    the device (a pageable host tensor is staged by the copy call itself, so no host synchronisation; a
+    pinned `seeds` tensor is copied synchronously, since its caller may overwrite it right after).
     """
     if seeds is not None:
-        return seeds.to(device=device, dtype=torch.int64)
+        return to_device_nonblocking(seeds.to(torch.int64), device)
     gen_device = generator.device if generator is not None else torch.device("cpu")
     drawn = torch.randint(0, _SEED_HIGH, (n,), dtype=torch.int64, generator=generator, device=gen_device)
-    return drawn.to(device)
+    return to_device_nonblocking(drawn, device)
+
+
+def to_device_nonblocking(tensor: Tensor, device: torch.device | str | None) -> Tensor:
+    """`tensor` on `device`; a copy from pageable host memory does not block on the device's queue.
+
+    Only host-to-device copies from pageable memory are made non-blocking: CUDA stages such a source before
+    the call returns, so it is safe to reuse at once (a device-to-host copy must block to be readable).
+    """
+    if device is None or tensor.device == torch.device(device):
+        return tensor
+    pageable_host = tensor.device.type == "cpu" and not tensor.is_pinned()
+    return tensor.to(device, non_blocking=pageable_host)
 
 
 def unpack_bitmask(bitmask: Tensor, vocab_size: int) -> Tensor:
@@ -244,11 +278,12 @@ def _filtered_logits(
 def _sample_rows(t: Tensor, seeds: Tensor) -> Tensor:
     """Exponential race (Gumbel-max): argmax over kept `j` of `t_j - log(E_j)`; ties go to the lowest id.
 
-    `E_j = exponential_from_bits(philox_bits(seed, j))`: one Philox word per (row seed, token id), computed
-    only where `t` is finite. The winner is distributed as softmax(t) over the kept tokens.
+    `E_j = exponential_from_bits(token_bits(seed, j))`: word `j % 4` of the Philox call with counter `j // 4`
+    under the row's seed, computed only where `t` is finite. The winner is distributed as softmax(t) over the
+    kept tokens.
     """
     rows, cols = torch.isfinite(t).nonzero(as_tuple=True)
-    exponential = exponential_from_bits(philox_bits(seeds[rows], cols))
+    exponential = exponential_from_bits(token_bits(seeds[rows], cols))
     keys = torch.full_like(t, float("-inf"))
     keys[rows, cols] = t[rows, cols] - torch.log(exponential)
     return keys.argmax(dim=1)
@@ -288,8 +323,9 @@ def masked_sample_torch(
          token tied with its last member). Equivalently: the largest `v` with `sum(e_j >= v) >= top_p * Z`.
        - min_p > 0: keep `exp(t_j) >= min_p` (that is `p_j >= min_p * p_max`).
        Then sample `argmax_j (t_j - log E_j)` over kept `j`, ties to the lowest id, where
-       `E_j = exponential_from_bits(philox4x32(seed_i, j)[0])`: the exponential race, which draws `j` with
-       probability `exp(t_j) / sum_kept exp(t)` (the renormalised kept distribution).
+       `E_j = exponential_from_bits(philox4x32(seed_i, j // 4)[j % 4])` (`token_bits`: one Philox call gives
+       the words of four consecutive tokens): the exponential race, which draws `j` with probability
+       `exp(t_j) / sum_kept exp(t)` (the renormalised kept distribution).
 
     Randomness: `seed_i = seeds[i]` if `seeds` is given, else `row_seeds(N, generator=generator)` (one int64
     per row drawn from `generator`, or from torch's default CPU generator). So a token depends only on its

@@ -24,9 +24,9 @@ from constrain.kernels.torch_sampling import (
     exponential_from_bits,
     masked_sample_torch,
     philox4x32,
-    philox_bits,
     philox_rounds,
     row_seeds,
+    token_bits,
 )
 from constrain.sampling import apply_bitmask_, masked_sample
 
@@ -183,16 +183,38 @@ def test_exponential_from_bits_is_finite_and_positive_at_the_extremes():
     assert e[0] == e.max() and e[3] == e.min()  # U smallest at bits 0, closest to 1 at 0x80000000
 
 
-def test_philox_bits_fast_cpu_path_equals_the_torch_philox():
-    seeds = torch.randint(-(2**63), 2**63 - 1, (5000,), generator=torch.Generator().manual_seed(1))
-    counters = torch.randint(0, 2**32, (5000,), generator=torch.Generator().manual_seed(2))
-    assert torch.equal(philox_bits(seeds, counters), philox4x32(seeds, counters)[0])
+def test_token_bits_of_four_consecutive_tokens_are_the_four_words_of_one_philox_call():
+    """Token j uses word j % 4 of Philox counter j // 4 (Random123's known answer for key 0, counter 0)."""
+    zero = torch.zeros(8, dtype=torch.int64)
+    words = token_bits(zero, torch.arange(8))
+    assert words[:4].tolist() == [0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8]
+    assert words[4:].tolist() == [int(w) for w in philox4x32(torch.tensor(0), torch.tensor(1))]
+
+
+def test_token_bits_fast_cpu_path_equals_the_torch_philox():
+    """The numba path (which reuses one Philox call for runs of tokens sharing a seed and counter) equals the
+    torch Philox word by word: sorted runs, seed changes inside a run of one counter, and random order."""
+    gen = torch.Generator().manual_seed(1)
+    random_seeds = torch.randint(-(2**63), 2**63 - 1, (3000,), generator=gen)
+    random_tokens = torch.randint(0, 2**32, (3000,), generator=gen)
+    run_seeds = torch.tensor([7] * 6 + [8] * 3 + [7] * 4)  # 7 -> 8 -> 7 while the counter stays the same
+    run_tokens = torch.tensor([0, 1, 2, 3, 4, 5, 5, 6, 7, 4, 6, 9, 2**32 - 1])
+    seeds = torch.cat([random_seeds, run_seeds, torch.full((400,), 3)])
+    tokens = torch.cat([random_tokens, run_tokens, torch.arange(400).flip(0)])
+    words = philox4x32(seeds, tokens >> 2)
+    expected = torch.zeros_like(tokens)
+    for w in range(4):
+        expected = torch.where((tokens & 3) == w, words[w], expected)
+    assert torch.equal(token_bits(seeds, tokens), expected)
 
 
 def test_exponential_from_philox_words_is_standard_exponential():
-    """The variates of 200,000 consecutive counters pass a Kolmogorov-Smirnov test against Exp(1)."""
-    e = exponential_from_bits(philox_bits(torch.full((200_000,), 2024), torch.arange(200_000)))
+    """The variates of 200,000 consecutive tokens (all four words of 50,000 calls) pass a Kolmogorov-Smirnov
+    test against Exp(1)."""
+    e = exponential_from_bits(token_bits(torch.full((200_000,), 2024), torch.arange(200_000)))
     assert stats.kstest(e.double().numpy(), "expon").pvalue > ALPHA
+    for w in range(4):  # and each word on its own
+        assert stats.kstest(e[w::4].double().numpy(), "expon").pvalue > ALPHA
 
 
 def test_row_seeds_from_a_generator_are_reproducible_and_distinct():

@@ -18,7 +18,7 @@ import os
 import numpy as np
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 from scipy import stats
 
@@ -27,13 +27,20 @@ if not CUDA:  # normally already set by conftest.py; needed here when this file 
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 triton = pytest.importorskip("triton")
-from constrain.kernels.torch_sampling import masked_sample_torch  # noqa: E402
+import triton.language as tl  # noqa: E402
+
+from constrain import kernels  # noqa: E402
+from constrain.errors import ConstraintError, NoAllowedTokenError  # noqa: E402
+from constrain.kernels.torch_sampling import masked_sample_torch, token_bits  # noqa: E402
 from constrain.kernels.triton_sampling import (  # noqa: E402
+    _group_bits,
     apply_bitmask_triton_,
     masked_sample_triton,
+    sample_full,
     sample_with_flags,
     with_config,
 )
+from constrain.sampling import masked_sample  # noqa: E402
 
 # The interpreter must be chosen before triton's first import, and then it runs every kernel (CUDA ones too):
 # one process tests either the compiled kernels on CUDA or the interpreter on the CPU.
@@ -54,7 +61,13 @@ pytestmark = pytest.mark.filterwarnings(
     "ignore:invalid value encountered:RuntimeWarning",
     "ignore:divide by zero encountered:RuntimeWarning",
 )
-FEW = settings(max_examples=6 if not CUDA else 10, deadline=None, suppress_health_check=list(HealthCheck))
+# No shrinking: under the interpreter each example costs seconds, and shrinking a failure can take minutes.
+FEW = settings(
+    max_examples=6 if not CUDA else 10,
+    deadline=None,
+    suppress_health_check=list(HealthCheck),
+    phases=[Phase.explicit, Phase.reuse, Phase.generate],
+)
 ALPHA = 1e-3  # chi-square p-value below which a sampled distribution is rejected
 
 
@@ -278,6 +291,27 @@ def test_filtered_frequencies_match_the_top_k_top_p_distribution_on_cuda():
     assert stats.chisquare(counts[keep], probs[keep] * draws).pvalue > ALPHA
 
 
+# ------------------------------------------------------------------------------------------------ the noise
+
+
+@triton.jit
+def _group_bits_kernel(out_ptr, seed_ptr, G: tl.constexpr):
+    gid = tl.program_id(0) * G + tl.arange(0, G)
+    tok = gid[:, None] * 32 + tl.arange(0, 32)[None, :]
+    tl.store(out_ptr + tok, _group_bits(tl.load(seed_ptr), gid).to(tl.int32, bitcast=True))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("seed", [0, 12345, -(2**40) + 3, 2**63 - 1])
+def test_kernel_noise_words_equal_the_reference_token_bits(device, seed):
+    """The kernels' words for tokens 0..511 (8 Philox calls per 32-token group, words interleaved) are the
+    reference's `token_bits(seed, j)`: word j % 4 of the call with counter j // 4."""
+    out = torch.empty(512, dtype=torch.int32, device=device)
+    _group_bits_kernel[(4,)](out, torch.tensor([seed], device=device), G=4)
+    expected = token_bits(torch.full((512,), seed), torch.arange(512))
+    assert torch.equal(out.cpu().long() & 0xFFFFFFFF, expected)
+
+
 # ------------------------------------------------------------------------------------------- edge cases
 
 
@@ -365,8 +399,10 @@ def test_same_seed_gives_the_same_token_whatever_the_batch_and_launch_plan(devic
             lg[i : i + 1], bmd[i : i + 1], seeds=seeds[i : i + 1], top_p=0.9, config=ONE
         )
         assert alone.item() == together[i].item()
-    # Other cuts of the vocabulary into tiles and slices (more slices, or one program per row) agree.
-    for config in (SMALL, with_config(tile=64, target_programs=1, num_warps=4)):
+    # Other cuts of the vocabulary into tiles and slices (more slices, one program per row, a smaller tile
+    # for the filtered pass only) agree.
+    filter_tile = with_config(tile=256, filter_tile=64, groups_per_split=2, gathered_groups=2, num_warps=4)
+    for config in (SMALL, with_config(tile=64, target_programs=1, num_warps=4), filter_tile):
         assert torch.equal(masked_sample_triton(lg, bmd, seeds=seeds, top_p=0.9, config=config), together)
 
 
@@ -398,7 +434,7 @@ def test_an_out_of_range_index_reads_nothing_and_gives_minus_one(device):
     tokens = masked_sample_triton(
         lg, bmd, seeds=torch.arange(2), indices=torch.tensor([1, 7]).to(device), config=ONE
     )
-    assert tokens[1].item() == -1 and allowed[1, tokens[0].item()]
+    assert tokens[1].item() == -1 and allowed[0, tokens[0].item()]  # output row 0: logits row 1, mask row 0
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -478,3 +514,118 @@ def test_cuda_graph_capture_replays_the_same_tokens():
     graph.replay()
     torch.cuda.synchronize()
     assert torch.equal(captured, eager)
+
+
+# ------------------------------------------------------------------------- status word and invalid input
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("params", [dict(), dict(temperature=0.0), dict(top_k=3, top_p=0.8)])
+def test_status_word_flags_empty_rows_and_nonfinite_logits_of_sampled_rows_only(device, params):
+    logits, allowed, bm = make_case(3, 90, torch.float32, seed=30)
+    lg, bmd = on(device, logits, bm)
+    seeds = torch.arange(3)
+
+    def status(lg, bmd, indices=None):
+        result = sample_full(
+            lg, bmd, seeds=seeds, indices=indices, return_logprobs=True, config=ONE, **params
+        )
+        return int(result.status.item())
+
+    assert status(lg, bmd) == 0
+    empty = bmd.clone()
+    empty[1] = 0
+    assert status(lg, empty) == kernels.STATUS_EMPTY
+    for bad in (float("nan"), float("inf")):
+        poisoned = lg.clone()
+        token = int(np.flatnonzero(~allowed[2])[0])  # a disallowed token: still reported
+        poisoned[2, token] = bad
+        assert status(poisoned, bmd) == kernels.STATUS_NONFINITE
+        # Output rows that read only logits rows 0 and 1 do not see row 2.
+        assert status(poisoned, bmd, torch.tensor([0, 1, 1], device=device)) == 0
+        assert status(poisoned, empty, torch.tensor([0, 1, 2], device=device)) == 3
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_invalid_values_leave_the_kernels_memory_safe_with_tokens_in_range(device):
+    """NaN / +inf logits and out-of-range parameter tensors (which `constrain.sampling` reports only after
+    the launch) still give tokens in [-1, V) and finish; the status word flags the non-finite rows."""
+    logits, allowed, bm = make_case(6, 130, torch.float32, seed=31)
+    logits[0] = float("nan")  # a whole row of NaN
+    logits[1, ::3] = float("nan")
+    logits[2, 5] = float("inf")
+    logits[3, :] = float("inf")
+    lg, bmd = on(device, logits, bm)
+    bad_params = [
+        dict(min_p=torch.tensor([1.5, 2.0, 1.5, 3.0, 1.5, 7.0])),
+        dict(
+            top_p=torch.tensor([0.0, float("nan"), -1.0, 0.0, 0.5, 2.0]),
+            top_k=torch.tensor([-5, 0, 3, -1, 0, 9]),
+        ),
+        dict(temperature=torch.tensor([-1.0, float("nan"), float("inf"), 1e-30, 0.5, 2.0]), top_p=0.5),
+        dict(temperature=torch.tensor([float("inf")] * 6), min_p=0.5),
+    ]
+    for params in bad_params:
+        params = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in params.items()}
+        for config in (ONE, FALLBACK):
+            result = sample_full(
+                lg, bmd, seeds=torch.arange(6), return_logprobs=True, config=config, **params
+            )
+            tokens = result.tokens.cpu()
+            assert ((tokens >= -1) & (tokens < 130)).all(), (params, tokens)
+            assert int(result.status.item()) & kernels.STATUS_NONFINITE
+    out_of_range = torch.tensor([9, -3, 2, 2, 1, 0], device=device)
+    tokens = masked_sample_triton(lg, bmd, seeds=torch.arange(6), indices=out_of_range, top_p=0.5, config=ONE)
+    assert tokens[:2].tolist() == [-1, -1]
+
+
+@pytest.fixture
+def fused_dispatch(monkeypatch, request):
+    """Route `constrain.sampling` to the fused kernels on this device (the interpreter on a CPU)."""
+    device = request.param
+    monkeypatch.setattr(kernels, "backend", lambda _device: "triton")
+    return device
+
+
+@pytest.mark.parametrize("fused_dispatch", DEVICES, indirect=True)
+def test_public_sampler_on_the_fused_kernels_reports_nan_logits_and_empty_rows(fused_dispatch):
+    """The public wrapper reads the fused kernels' status word after the launch and raises what it used to
+    check beforehand: the NaN's place, then the empty rows; on_empty='return' gives -1."""
+    device = fused_dispatch
+    logits, allowed, bm = make_case(3, 70, torch.float32, seed=32)
+    lg, bmd = on(device, logits, bm)
+    seeds = torch.arange(3)
+    tokens = masked_sample(lg, bmd, seeds=seeds, top_k=5)
+    assert torch.equal(tokens.cpu(), masked_sample_torch(logits, bm, seeds=seeds, top_k=5))
+    empty = bmd.clone()
+    empty[2] = 0
+    with pytest.raises(NoAllowedTokenError, match=r"bitmask row\(s\) \[2\] allow no token"):
+        masked_sample(lg, empty, seeds=seeds)
+    assert masked_sample(lg, empty, seeds=seeds, on_empty="return")[2].item() == -1
+    poisoned = lg.clone()
+    poisoned[1, 4] = float("nan")
+    with pytest.raises(ConstraintError, match=r"logits\[1, 4\] is nan"):
+        masked_sample(poisoned, empty, seeds=seeds, on_empty="return")
+    masked_sample(poisoned, bmd, seeds=seeds, indices=[0, 0, 2])  # row 1 is not sampled from: fine
+
+
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+@pytest.mark.parametrize("per_row", [False, True])
+def test_public_sampler_synchronises_once_per_call_on_cuda(per_row):
+    """With seeds and parameters on the device, `masked_sample` waits on the GPU exactly once (the status
+    read after the launch); an out-of-range parameter tensor is still reported."""
+    logits, _, bm = make_case(8, 32000, torch.float32, seed=33)
+    lg, bmd = logits.cuda(), bm.cuda()
+    seeds = torch.arange(8, device="cuda")
+    top_p = torch.full((8,), 0.9, device="cuda") if per_row else 0.9
+    masked_sample(lg, bmd, seeds=seeds, top_p=top_p, return_logprobs=True)  # compile outside the count
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with pytest.warns(UserWarning, match="synchroniz") as record:
+            masked_sample(lg, bmd, seeds=seeds, top_p=top_p, return_logprobs=True)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert sum("synchroniz" in str(w.message) for w in record) == 1
+    with pytest.raises(ConstraintError, match=r"top_p\[3\] = 0.0"):
+        masked_sample(lg, bmd, seeds=seeds, top_p=torch.tensor([0.9] * 3 + [0.0] * 5, device="cuda"))
