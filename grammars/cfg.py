@@ -1,15 +1,19 @@
 """Context-free grammars as token constraints: `GrammarConstraint` (a `GrammarIR`), its compiled form, and
 `GrammarMatcher`, the per-sequence state.
 
-A matcher state is a small set of *threads* `(earley_state, lexer_state)`: the parse up to the last lexeme
-boundary, and how far the current lexeme has got (`FRESH` = no byte of it yet). Several threads exist where
-the
-input is lexically ambiguous (a lexeme may end here or go on). A token is allowed iff, from some thread, its
-bytes can be split into lexeme continuations the lexer keeps alive and lexemes the parser accepts.
+A matcher state is a small set of *threads* `(earley_state, lexer, lexer_state)`: the parse up to the last
+lexeme boundary, one of the lexers for the terminals it allows, and how far the current lexeme has got in it
+(`FRESH` = no byte of it yet). Each wide terminal (a string, free text) has a lexer of its own, shared by
+every place and grammar that allows it, and the other terminals share one (`CompiledGrammar.views`). Several
+threads also exist where the input is lexically ambiguous (a lexeme may end here or go on). A token is
+allowed iff, from some thread, its bytes can be split into lexeme continuations the lexer keeps alive and
+lexemes the parser accepts.
 
 Masks: each thread walks the vocabulary trie from the root through its lexer (a cached, parser-independent
 walk); where a lexeme can end inside a token, the parser is advanced once for that group of boundaries and the
-walk goes on from those trie nodes with the next lexer (also cached). See docs/grammar.md.
+walk goes on from those trie nodes with the next lexers (also cached). The walk results behind one set of
+threads are cached too (`threads_fill`): parse states are shared, so the same threads recur at the same place
+of every instance. See docs/grammar.md.
 """
 
 from __future__ import annotations
@@ -25,13 +29,15 @@ from constrain.errors import CompileLimitError
 from constrain.vocab import Vocabulary
 
 from .earley import EarleyState, Grammar, GrammarIR
-from .lexer import Lexer, lexer_for, root_frontier
+from .lexer import Lexer, WalkResult, lexer_for, or_ids, root_frontier
 
 FRESH = -2  # lexer position of a thread that has read no byte of its current lexeme
 MAX_THREADS = 512  # lexically ambiguous threads kept per position
 MAX_FILL_STEPS = 200_000  # (parser state, frontier) pairs visited by one mask fill
 MAX_FILL_NODES = 50_000_000  # trie nodes walked (uncached walks) by one mask fill, ~ a few seconds
+MAX_CACHED_FILLS = 50_000  # fills kept per grammar and vocabulary (the cache is emptied when full)
 
+WIDE_BYTES = 64  # a terminal with a state that goes on with this many bytes gets a lexer of its own
 Thread = tuple[EarleyState, "LexerView", int]
 
 
@@ -64,26 +70,66 @@ class CompiledGrammar:
 
     def __init__(self, ir: GrammarIR):
         self.grammar = Grammar(ir)
-        self._views: dict[frozenset[int], LexerView] = {}
+        self._views: dict[frozenset[int], tuple[LexerView, ...]] = {}
+        self._parts: dict[frozenset[int], LexerView] = {}
+        self._wide: dict[int, bool] = {}
+        self._fills: dict[str, dict[tuple, Fill]] = {}  # per vocabulary: see `threads_fill`
         self._lock = threading.Lock()
 
-    def view(self, state: EarleyState, exclude: frozenset[int] = frozenset()) -> LexerView:
-        """The lexer for the terminals `state` allows (plus the ignored ones), less `exclude`."""
+    def views(self, state: EarleyState, exclude: frozenset[int] = frozenset()) -> tuple[LexerView, ...]:
+        """The lexers for the terminals `state` allows (plus the ignored ones), less `exclude`.
+
+        Each wide terminal (one that can go on with many different bytes: strings, free text) gets a lexer of
+        its own, and the others share one. A wide terminal's walks cost the most (they visit much of the
+        vocabulary trie), and alone its lexer is the same at every place and in every grammar that allows
+        it, so its walks are cached once instead of once per combination of terminals.
+        """
         g = self.grammar
         allowed = (state.expected | g.ignore) - exclude
         hit = self._views.get(allowed)
         if hit is not None:
             return hit
-        ordered = sorted(allowed, key=lambda t: (g.ir.terminals[t].pattern, g.ir.terminals[t].flags, t))
+        wide = sorted(t for t in allowed if self._is_wide(t))
+        parts = [frozenset((t,)) for t in wide]
+        rest = allowed.difference(wide)
+        if rest or not parts:  # no terminal at all: one dead lexer (the thread keeps the parse state)
+            parts.append(rest)
+        views = tuple(self._part(terms) for terms in parts)
+        with self._lock:
+            return self._views.setdefault(allowed, views)
+
+    def _is_wide(self, t: int) -> bool:
+        hit = self._wide.get(t)
+        if hit is None:
+            hit = self._wide[t] = self.grammar.dfas[t].max_live_bytes >= WIDE_BYTES
+        return hit
+
+    def _part(self, terms: frozenset[int]) -> LexerView:
+        hit = self._parts.get(terms)
+        if hit is not None:
+            return hit
+        g = self.grammar
+        ordered = sorted(terms, key=lambda t: (g.ir.terminals[t].pattern, g.ir.terminals[t].flags, t))
         keys = tuple((g.ir.terminals[t].pattern, g.ir.terminals[t].flags) for t in ordered)
         lexer = lexer_for(keys, [g.dfas[t] for t in ordered])
         view = LexerView(lexer, tuple(ordered))
         with self._lock:
-            return self._views.setdefault(allowed, view)
+            return self._parts.setdefault(terms, view)
+
+    def fills(self, vocab: Vocabulary) -> dict[tuple, Fill]:
+        """The cache of `Fill`s for `vocab` (walk results depend on the vocabulary)."""
+        hit = self._fills.get(vocab.fingerprint)
+        if hit is None:
+            with self._lock:
+                hit = self._fills.setdefault(vocab.fingerprint, {})
+        return hit
+
+    def fresh_threads(self, state: EarleyState, exclude: frozenset[int] = frozenset()) -> list[Thread]:
+        """The threads at the start of a lexeme after `state`: one per lexer of `views(state, exclude)`."""
+        return [(state, view, FRESH) for view in self.views(state, exclude)]
 
     def initial_threads(self) -> tuple[Thread, ...]:
-        root = self.grammar.root
-        return ((root, self.view(root), FRESH),)
+        return tuple(self.fresh_threads(self.grammar.root))
 
 
 def advance(cg: CompiledGrammar, threads: tuple[Thread, ...], data: bytes) -> tuple[Thread, ...]:
@@ -92,16 +138,17 @@ def advance(cg: CompiledGrammar, threads: tuple[Thread, ...], data: bytes) -> tu
     Raises `CompileLimitError` if lexical ambiguity exceeds `MAX_THREADS` threads.
     """
     for byte in data:
-        nxt: dict[tuple[int, int], Thread] = {}
+        nxt: dict[tuple[int, int, int], Thread] = {}
         for state, view, pos in threads:
             lexer = view.lexer
-            s = lexer.rows[0 if pos == FRESH else pos][byte]
+            s = lexer.row(0 if pos == FRESH else pos)[byte]
             if s < 0:
                 continue
-            nxt.setdefault((id(state), s), (state, view, s))
+            nxt.setdefault((id(state), id(view), s), (state, view, s))
             if lexer.accepting[s]:
                 for after in state.after(view.accepted(s)):
-                    nxt.setdefault((id(after), FRESH), (after, cg.view(after), FRESH))
+                    for thread in cg.fresh_threads(after):
+                        nxt.setdefault((id(after), id(thread[1]), FRESH), thread)
         if len(nxt) > MAX_THREADS:
             raise CompileLimitError(f"more than {MAX_THREADS} lexically ambiguous parses at one position")
         threads = tuple(nxt.values())
@@ -122,11 +169,73 @@ def threads_accepting(threads: tuple[Thread, ...]) -> bool:
     return False
 
 
+class Fill:
+    """The walk results whose union is the mask after one set of threads (see `threads_fill`).
+
+    The sparse results are merged into one id array; the dense ones are kept as they are (shared with the
+    walk results, not copied). `threads` keeps the threads alive: the cache of fills is keyed by their ids.
+    """
+
+    __slots__ = ("threads", "dense", "ids")
+
+    def __init__(self, threads: tuple[Thread, ...], results: list[WalkResult]):
+        self.threads = threads
+        self.dense = tuple(r.words for r in results if r.words is not None)
+        sparse = [r.ids for r in results if r.ids is not None]
+        # Repeated ids are harmless (setting a bit twice): no sort, no copy of a lone array.
+        self.ids = (sparse[0] if len(sparse) == 1 else np.concatenate(sparse)) if sparse else None
+
+    def write(self, out: np.ndarray) -> None:
+        """Set `out` (uint32 words) to exactly these tokens."""
+        if self.dense:
+            np.copyto(out, self.dense[0])
+            for words in self.dense[1:]:
+                np.bitwise_or(out, words, out=out)
+        else:
+            out[:] = 0
+        if self.ids is not None:
+            or_ids(out, self.ids)
+
+    def apply(self, out: np.ndarray) -> None:
+        """OR these tokens into `out` (uint32 words)."""
+        for words in self.dense:
+            np.bitwise_or(out, words, out=out)
+        if self.ids is not None:
+            or_ids(out, self.ids)
+
+
 def fill_words(cg: CompiledGrammar, vocab: Vocabulary, threads: tuple[Thread, ...], out: np.ndarray) -> None:
     """OR into `out` (uint32 words) every ordinary token allowed after `threads`."""
+    threads_fill(cg, vocab, threads).apply(out)
+
+
+def threads_fill(cg: CompiledGrammar, vocab: Vocabulary, threads: tuple[Thread, ...]) -> Fill:
+    """The (cached) `Fill` of every ordinary token allowed after `threads`.
+
+    Parse states are shared (`EarleyState.after` is cached), so the same threads come back at the same
+    place of every instance of a grammar: the traversal below then runs once per distinct set of threads.
+    """
+    fills = cg.fills(vocab)
+    key = tuple([(id(state), id(view), pos) for state, view, pos in threads])
+    hit = fills.get(key)
+    if hit is None:
+        hit = Fill(threads, _walk_results(cg, vocab, threads))
+        if len(fills) >= MAX_CACHED_FILLS:
+            fills.clear()
+        fills[key] = hit
+    return hit
+
+
+def _walk_results(cg: CompiledGrammar, vocab: Vocabulary, threads: tuple[Thread, ...]) -> list[WalkResult]:
+    """The walk results whose union is the set of tokens allowed after `threads`.
+
+    Raises `CompileLimitError` past `MAX_FILL_STEPS` (parser state, frontier) pairs or `MAX_FILL_NODES`
+    trie nodes walked.
+    """
     root = root_frontier(vocab)
     stack = [(state, view, pos, root) for state, view, pos in threads]
     seen: set[tuple[int, int, int, int]] = set()
+    results: dict[int, WalkResult] = {}
     steps = 0
     nodes = 0
     while stack:
@@ -147,14 +256,15 @@ def fill_words(cg: CompiledGrammar, vocab: Vocabulary, threads: tuple[Thread, ..
                     f"a mask needed more than {MAX_FILL_NODES} trie nodes walked (a grammar where lexemes "
                     "can end almost anywhere, e.g. two identifiers side by side?)"
                 )
-        result.apply(out)
+        results[id(result)] = result
         closed = cg.grammar.closed_ignore
         for local, child in result.groups:
             terms = view.grammar_terms(local)
             for after in state.after(terms):
                 # After an ignored lexeme closed under concatenation, another one of it adds nothing new.
                 skip = terms & closed if after is state else frozenset()
-                stack.append((after, cg.view(after, skip), FRESH, child))
+                stack.extend((after, v, FRESH, child) for v in cg.views(after, skip))
+    return list(results.values())
 
 
 class GrammarConstraint(Constraint):
@@ -230,10 +340,11 @@ class GrammarMatcher(Matcher):
 
     def fill_words(self, out: np.ndarray) -> None:
         """Write the allowed-token words (uint32, zeroed first) for the current state, EOS included."""
-        out[:] = 0
         terminated = self.is_terminated()
-        if not terminated:
-            fill_words(self.compiled.core, self.vocab, self.threads, out)
+        if terminated:
+            out[:] = 0
+        else:
+            threads_fill(self.compiled.core, self.vocab, self.threads).write(out)
         if terminated or threads_accepting(self.threads):
             for t in self.vocab.eos_ids:
                 out[t >> 5] |= np.uint32(1 << (t & 31))

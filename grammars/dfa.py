@@ -12,7 +12,6 @@ Surrogates (U+D800..U+DFFF) have no UTF-8 encoding and are dropped; invalid UTF-
 
 from __future__ import annotations
 
-from bisect import bisect_left
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from functools import cached_property, lru_cache
@@ -21,6 +20,8 @@ import numpy as np
 from numba import njit
 
 from constrain.errors import CompileLimitError
+
+from .sets import FULL_POOL, FULL_STATES, intern, table_size
 
 DEAD = -1
 MAX_CODEPOINT = 0x10FFFF
@@ -228,6 +229,13 @@ class ByteDFA:
     def _rows(self) -> list[list[int]]:
         return self.transitions.tolist()  # plain lists: stepping in Python is ~5x faster than numpy indexing
 
+    @cached_property
+    def max_live_bytes(self) -> int:
+        """The most bytes any one state can go on with (0 for the empty language)."""
+        if self.n_states == 0:
+            return 0
+        return int((self.transitions >= 0).sum(axis=1).max())
+
     def step(self, state: int, byte: int) -> int:
         """The state after reading `byte` from `state` (-1 if dead, or if `state` is already -1)."""
         return self._rows[state][byte] if state >= 0 else DEAD
@@ -259,7 +267,7 @@ class ByteDFA:
 
         Raises `CompileLimitError` if the subset construction needs more than `max_states` states.
         """
-        table, accepting, class_of = _determinize(nfa, start, accept, max_states)
+        table, accepting, class_of = _subsets(nfa, start, accept, max_states)
         return minimize(table, accepting, 0, class_of)
 
     @classmethod
@@ -295,78 +303,167 @@ def _byte_classes(nfa: NFA) -> np.ndarray:
     return np.cumsum(bounds[:256]) - 1
 
 
-def _determinize(
-    nfa: NFA, start: int, accept: int, max_states: int
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Subset construction on byte classes: table (n, k) int32 (-1: none), accepting (n,), class_of (256,)."""
+def _subsets(nfa: NFA, start: int, accept: int, max_states: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Subset construction on byte classes, by a numba kernel: table (n, k) int32 (-1: none), accepting (n,),
+    class_of (256,).
+
+    Raises `CompileLimitError` past `max_states` subset states.
+    """
     class_of = _byte_classes(nfa)
     k = int(class_of[-1]) + 1
-    cls = class_of.tolist()
-    cedges = [[(cls[lo], cls[hi], t) for lo, hi, t in edges] for edges in nfa.edges]
-    # A DFA state is the set of "important" NFA states it contains: those with byte edges, and `accept`.
-    important = [bool(edges) or s == accept for s, edges in enumerate(nfa.edges)]
-    closures: dict[int, frozenset[int]] = {}
-    empty: frozenset[int] = frozenset()
-
-    def closure(s: int) -> frozenset[int]:
-        hit = closures.get(s)
-        if hit is not None:
-            return hit
-        if not nfa.eps[s]:
-            result = frozenset((s,)) if important[s] else empty
+    n = nfa.n_states
+    flat = [(lo, hi, t) for edges in nfa.edges for lo, hi, t in edges]
+    e_off = np.zeros(n + 1, dtype=np.int64)
+    np.cumsum([len(edges) for edges in nfa.edges], out=e_off[1:])
+    edges = np.asarray(flat, dtype=np.int64).reshape(-1, 3)
+    e_lo = class_of[edges[:, 0]].astype(np.int32)
+    e_hi = class_of[edges[:, 1]].astype(np.int32)
+    e_to = edges[:, 2].astype(np.int32)
+    eps_off = np.zeros(n + 1, dtype=np.int64)
+    np.cumsum([len(targets) for targets in nfa.eps], out=eps_off[1:])
+    eps_to = np.asarray([t for targets in nfa.eps for t in targets], dtype=np.int32)
+    # A subset state is the set of "important" NFA states it holds: those with byte edges, and `accept`.
+    important = np.diff(e_off) > 0
+    important[accept] = True
+    needed = np.zeros(n, dtype=np.bool_)  # closures are taken of edge targets and the start only
+    needed[e_to] = True
+    needed[start] = True
+    c_off, c_pool = _closures(eps_off, eps_to, important, needed)
+    cap = min(max(64, n // 2), max_states)
+    pool_cap = 1024 + 4 * n
+    while True:
+        table = np.empty((cap, k), dtype=np.int32)
+        pool = np.empty(pool_cap, dtype=np.int32)
+        off = np.empty(cap + 1, dtype=np.int64)
+        hashes = np.empty(cap, dtype=np.uint64)
+        htab = np.empty(table_size(cap), dtype=np.int64)
+        got = _subset_kernel(k, e_off, e_lo, e_hi, e_to, c_off, c_pool, start, table, pool, off, hashes, htab)
+        if got == FULL_POOL:
+            pool_cap *= 4
+        elif got == FULL_STATES:
+            if cap >= max_states:
+                raise CompileLimitError(
+                    f"the DFA needs more than max_states={max_states} states (a pattern such as "
+                    "(a|b)*a(a|b){40} blows up exponentially); simplify the pattern or raise max_states"
+                )
+            cap = min(4 * cap, max_states)
         else:
-            seen = {s}
-            todo = [s]
-            while todo:
-                for t in nfa.eps[todo.pop()]:
-                    if t not in seen:
-                        seen.add(t)
-                        todo.append(t)
-            result = frozenset(t for t in seen if important[t])
-        closures[s] = result
-        return result
+            break
+    accepting = _holds(pool, off, got, accept)
+    return table[:got], accepting, class_of
 
-    move_cache: dict[frozenset[int], frozenset[int]] = {}
-    start_set = closure(start)
-    ids: dict[frozenset[int], int] = {start_set: 0}
-    sets = [start_set]
-    rows: list[list[int]] = []
+
+@njit(cache=True)
+def _closures(
+    eps_off: np.ndarray, eps_to: np.ndarray, important: np.ndarray, needed: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """Per `needed` NFA state, the important states its epsilon closure holds (itself included), as CSR
+    (off, pool); other states get an empty closure."""
+    n = important.shape[0]
+    off = np.zeros(n + 1, dtype=np.int64)
+    pool = np.empty(max(16, 2 * n), dtype=np.int32)
+    stamp = np.full(n, -1, dtype=np.int64)
+    todo = np.empty(n, dtype=np.int64)
+    size = 0
+    for s in range(n):
+        if not needed[s]:
+            off[s + 1] = size
+            continue
+        stamp[s] = s
+        todo[0] = s
+        top = 1
+        while top > 0:
+            top -= 1
+            q = todo[top]
+            if important[q]:
+                if size >= pool.shape[0]:
+                    grown = np.empty(2 * pool.shape[0], dtype=np.int32)
+                    grown[:size] = pool[:size]
+                    pool = grown
+                pool[size] = q
+                size += 1
+            for e in range(eps_off[q], eps_off[q + 1]):
+                t = eps_to[e]
+                if stamp[t] != s:
+                    stamp[t] = s
+                    todo[top] = t
+                    top += 1
+        off[s + 1] = size
+    return off, pool[:size]
+
+
+@njit(cache=True)
+def _subset_kernel(k, e_off, e_lo, e_hi, e_to, c_off, c_pool, start, table, pool, off, hashes, htab):  # noqa: ANN001, ANN202
+    """Breadth-first subset construction into preallocated arrays (see `grammars.sets.intern`).
+
+    Returns the number of subset states, or `FULL_STATES` / `FULL_POOL` if the arrays were too small.
+    """
+    n = c_off.shape[0] - 1
+    stamp = np.full(n, -1, dtype=np.int64)
+    buf = np.empty(max(n, 1), dtype=np.int32)
+    m = 0
+    for j in range(c_off[start], c_off[start + 1]):
+        buf[m] = c_pool[j]
+        m += 1
+    buf[:m].sort()
+    off[0] = 0
+    htab[:] = -1
+    s, count = intern(buf, m, pool, off, hashes, htab, 0)
+    if s < 0:
+        return s
+    cuts = np.empty(2 * e_lo.shape[0] + 2, dtype=np.int64)
+    mark = 0
     i = 0
-    while i < len(sets):
-        edges = [e for s in sets[i] for e in cedges[s]]
-        row = [DEAD] * k
-        # Cut the class axis at every edge end; each piece moves to one set of NFA states.
-        cuts = sorted({c for lo, hi, _ in edges for c in (lo, hi + 1)})
-        pieces: list[set[int]] = [set() for _ in cuts]
-        for lo, hi, t in edges:
-            for p in range(bisect_left(cuts, lo), bisect_left(cuts, hi + 1)):
-                pieces[p].add(t)
-        for p, raw in enumerate(pieces):
-            if not raw:
+    while i < count:
+        a, b = off[i], off[i + 1]
+        # Cut the class axis at every edge end of the members: each piece moves to one subset.
+        n_cuts = 2
+        cuts[0] = 0
+        cuts[1] = k
+        for p in range(a, b):
+            q = pool[p]
+            for e in range(e_off[q], e_off[q + 1]):
+                cuts[n_cuts] = e_lo[e]
+                cuts[n_cuts + 1] = e_hi[e] + 1
+                n_cuts += 2
+        pieces = np.unique(cuts[:n_cuts])
+        for j in range(pieces.shape[0] - 1):
+            c, c_end = pieces[j], pieces[j + 1]
+            mark += 1
+            m = 0
+            for p in range(a, b):
+                q = pool[p]
+                for e in range(e_off[q], e_off[q + 1]):
+                    if e_lo[e] <= c <= e_hi[e]:
+                        t = e_to[e]
+                        for x in range(c_off[t], c_off[t + 1]):
+                            u = c_pool[x]
+                            if stamp[u] != mark:
+                                stamp[u] = mark
+                                buf[m] = u
+                                m += 1
+            if m == 0:
+                table[i, c:c_end] = DEAD
                 continue
-            if len(raw) == 1:
-                closed = closure(next(iter(raw)))
-            else:
-                key = frozenset(raw)
-                closed = move_cache.get(key)
-                if closed is None:
-                    closed = frozenset().union(*(closure(t) for t in raw))
-                    move_cache[key] = closed
-            j = ids.get(closed)
-            if j is None:
-                if len(sets) >= max_states:
-                    raise CompileLimitError(
-                        f"the DFA needs more than max_states={max_states} states (a pattern such as "
-                        "(a|b)*a(a|b){40} blows up exponentially); simplify the pattern or raise max_states"
-                    )
-                j = len(sets)
-                ids[closed] = j
-                sets.append(closed)
-            row[cuts[p] : cuts[p + 1]] = [j] * (cuts[p + 1] - cuts[p])
-        rows.append(row)
+            buf[:m].sort()
+            s, count = intern(buf, m, pool, off, hashes, htab, count)
+            if s < 0:
+                return s
+            table[i, c:c_end] = s
         i += 1
-    accepting = np.fromiter((accept in s for s in sets), dtype=bool, count=len(sets))
-    return np.asarray(rows, dtype=np.int32).reshape(len(sets), k), accepting, class_of
+    return count
+
+
+@njit(cache=True)
+def _holds(pool: np.ndarray, off: np.ndarray, n: int, member: int) -> np.ndarray:
+    """Bool (n,): set `i` (`pool[off[i]:off[i + 1]]`) holds `member`."""
+    out = np.zeros(n, dtype=np.bool_)
+    for i in range(n):
+        for p in range(off[i], off[i + 1]):
+            if pool[p] == member:
+                out[i] = True
+                break
+    return out
 
 
 def _live_states(table: np.ndarray, accepting: np.ndarray) -> np.ndarray:
@@ -404,8 +501,9 @@ def minimize(table: np.ndarray, accepting: np.ndarray, start: int, class_of: np.
     sub = np.where(sub >= 0, remap[np.maximum(sub, 0)], DEAD)
     acc = accepting[keep]
     # Classes with identical columns behave alike: merge them (fewer labels to refine on).
-    columns, inverse = np.unique(sub, axis=1, return_inverse=True)
-    class_of = np.asarray(inverse).reshape(-1)[np.asarray(class_of)]
+    inverse, reps = _merge_columns(np.ascontiguousarray(sub))
+    columns = sub[:, reps]
+    class_of = inverse[np.asarray(class_of)]
     tails, labels = np.nonzero(columns >= 0)
     heads = columns[tails, labels]
     tails, labels, heads = tails.astype(np.int64), labels.astype(np.int64), heads.astype(np.int64)
@@ -422,6 +520,40 @@ def minimize(table: np.ndarray, accepting: np.ndarray, start: int, class_of: np.
     new_id[order] = np.arange(order.size, dtype=np.int32)
     small = np.where(block_table[order] >= 0, new_id[np.maximum(block_table[order], 0)], DEAD)
     return _freeze(small[:, class_of], acc[reps[order]], 0)
+
+
+@njit(cache=True)
+def _merge_columns(table: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Group equal columns of `table`: (class of each column, first column of each class)."""
+    n, k = table.shape
+    hashes = np.empty(k, dtype=np.uint64)
+    for c in range(k):
+        h = np.uint64(14695981039346656037)
+        for q in range(n):
+            h = (h ^ np.uint64(table[q, c] + 2)) * np.uint64(1099511628211)
+        hashes[c] = h
+    inverse = np.empty(k, dtype=np.int64)
+    reps = np.empty(k, dtype=np.int64)
+    n_classes = 0
+    for c in range(k):
+        found = -1
+        for r in range(n_classes):
+            rc = reps[r]
+            if hashes[rc] == hashes[c]:
+                same = True
+                for q in range(n):
+                    if table[q, rc] != table[q, c]:
+                        same = False
+                        break
+                if same:
+                    found = r
+                    break
+        if found < 0:
+            reps[n_classes] = c
+            found = n_classes
+            n_classes += 1
+        inverse[c] = found
+    return inverse, reps[:n_classes]
 
 
 @njit(cache=True)
@@ -595,8 +727,21 @@ def _refine(
     return BS
 
 
+def _chain_dfa(data: bytes) -> ByteDFA:
+    """The DFA of the one string `data`: a chain of states (minimal, numbered from the start)."""
+    n = len(data)
+    table = np.full((n + 1, 256), DEAD, dtype=np.int32)
+    table[np.arange(n), np.frombuffer(data, dtype=np.uint8)] = np.arange(1, n + 1, dtype=np.int32)
+    accepting = np.zeros(n + 1, dtype=bool)
+    accepting[n] = True
+    return _freeze(table, accepting, 0)
+
+
 def _literals_dfa(options: Iterable[bytes], max_states: int) -> ByteDFA:
     """Minimal DFA of a finite set of byte strings: a trie whose equal subtrees are merged bottom-up."""
+    options = set(options)
+    if len(options) == 1 and len(next(iter(options))) < max_states:
+        return _chain_dfa(next(iter(options)))
     children: list[dict[int, int]] = [{}]
     final = [False]
     for data in options:
@@ -632,9 +777,23 @@ def _literals_dfa(options: Iterable[bytes], max_states: int) -> ByteDFA:
             rows.append(dict(signature[1]))
             accepting.append(signature[0])
         canon[node] = ident
-    table = np.full((len(rows), 256), DEAD, dtype=np.int32)
-    for s, row in enumerate(rows):
-        for byte, t in row.items():
-            table[s, byte] = t
-    # Renumber breadth-first from the start (the root's class is the last one registered).
-    return minimize(table, np.asarray(accepting), canon[0], np.arange(256))
+    # Merging equal signatures bottom-up gives the minimal acyclic DFA (Revuz), and every state of a trie
+    # lies on the way to an accepting one: only the renumbering (breadth-first from the root) is left.
+    root = canon[0]
+    if not rows[root] and not accepting[root]:
+        return ByteDFA.empty()
+    order = {root: 0}
+    todo = [root]
+    for q in todo:  # grows while iterating: breadth-first
+        for byte in sorted(rows[q]):
+            t = rows[q][byte]
+            if t not in order:
+                order[t] = len(order)
+                todo.append(t)
+    table = np.full((len(order), 256), DEAD, dtype=np.int32)
+    acc = np.zeros(len(order), dtype=bool)
+    for q, i in order.items():
+        acc[i] = accepting[q]
+        for byte, t in rows[q].items():
+            table[i, byte] = order[t]
+    return _freeze(table, acc, 0)

@@ -20,6 +20,8 @@ import re._parser as sre_parse
 import sys
 from functools import cache, lru_cache
 
+import numpy as np
+
 from constrain.errors import CompileLimitError, SpecError, UnsupportedError
 
 from .dfa import NFA, ByteDFA
@@ -43,9 +45,18 @@ def effective_pattern(pattern: str) -> str:
 
 
 @cache
+def _all_chars() -> str:
+    """Every code point but the surrogates, in order, as one string (decoded from UTF-32 in one go)."""
+    codes = np.concatenate(
+        [np.arange(0xD800, dtype=np.uint32), np.arange(0xE000, sys.maxunicode + 1, dtype=np.uint32)]
+    )
+    return codes.tobytes().decode("utf-32-le")
+
+
+@cache
 def _category_ranges(category: str) -> tuple[tuple[int, int], ...]:
     """The code-point ranges that Python's `re` matches with a category escape (e.g. `\\d`, `\\w`, `\\s`)."""
-    chars = "".join(chr(c) for c in range(sys.maxunicode + 1) if not 0xD800 <= c <= 0xDFFF)
+    chars = _all_chars()
     ranges = [(ord(m.group()[0]), ord(m.group()[-1])) for m in re.finditer(category + "+", chars)]
     return tuple(_merge(ranges))
 
@@ -217,6 +228,59 @@ class _Lowering:
         raise self.fail(names.get(op, f"the construct {op}"))
 
 
+# A pattern of plain characters and escaped non-alphanumerics (what `re.escape` writes) is a literal.
+_PLAIN = re.compile(r"(?:[^\\.^$*+?{}\[\]|()]|\\[^A-Za-z0-9])*", re.DOTALL)
+_UNESCAPE = re.compile(r"\\(.)", re.DOTALL)
+MAX_FINITE_STRINGS = 1024  # past this many strings a finite pattern goes the NFA way
+
+
+def _finite_language(items: list) -> list[str] | None:
+    """Every string a parsed pattern matches, if it is made of literals, small explicit classes,
+    alternations, groups without flags and bounded repeats, and there are at most `MAX_FINITE_STRINGS`
+    of them; otherwise None."""
+    out = [""]
+    for op, av in items:
+        if op is C.LITERAL:
+            options = [chr(av)]
+        elif op is C.IN:
+            options = []
+            for kind, x in av:
+                if kind is C.LITERAL:
+                    options.append(chr(x))
+                elif kind is C.RANGE and x[1] - x[0] < 64:
+                    options.extend(chr(c) for c in range(x[0], x[1] + 1))
+                else:
+                    return None
+            options = sorted(set(options))
+        elif op is C.BRANCH:
+            options = []
+            for alt in av[1]:
+                sub = _finite_language(list(alt))
+                if sub is None:
+                    return None
+                options.extend(sub)
+        elif op is C.SUBPATTERN and not av[1] and not av[2]:
+            options = _finite_language(list(av[3]))
+        elif op in (C.MAX_REPEAT, C.MIN_REPEAT) and av[1] is not _MAXREPEAT and av[1] <= 16:
+            body = _finite_language(list(av[2]))
+            if body is None:
+                return None
+            options, power = [], [""]
+            for count in range(av[1] + 1):
+                if count >= av[0]:
+                    options.extend(power)
+                if count < av[1]:
+                    power = [p + b for p in power for b in body]
+                    if len(power) > MAX_FINITE_STRINGS:
+                        return None
+        else:
+            return None
+        if options is None or len(out) * len(options) > MAX_FINITE_STRINGS:
+            return None
+        out = [p + o for p in out for o in options]
+    return out
+
+
 @lru_cache(maxsize=4096)
 def pattern_dfa(pattern: str, flags: int = 0, name: str = "?") -> ByteDFA:
     """The minimal `ByteDFA` of the strings `pattern` fully matches (Python `re` syntax and flags).
@@ -227,10 +291,27 @@ def pattern_dfa(pattern: str, flags: int = 0, name: str = "?") -> ByteDFA:
         CompileLimitError: the automaton would exceed `MAX_NFA_STATES` / `MAX_DFA_STATES`.
     """
     pattern = _KNOWN_REWRITES.get(pattern, pattern)
+    if not flags and _PLAIN.fullmatch(pattern):  # a literal (e.g. a JSON key): no parse, no automaton work
+        try:
+            return ByteDFA.from_literals(
+                [_UNESCAPE.sub(r"\1", pattern).encode("utf-8")], max_states=MAX_DFA_STATES
+            )
+        except UnicodeEncodeError:
+            pass  # a lone surrogate: the general route knows it matches nothing
     try:
         tree = sre_parse.parse(pattern, flags)
     except re.error as exc:
         raise SpecError(f"terminal {name}: bad regex: {exc.msg}", source=pattern, position=exc.pos) from exc
+    if not tree.state.flags & re.IGNORECASE:
+        options = _finite_language(list(tree))
+        if options is not None:  # literals and small alternations: a trie, no NFA (most JSON keys)
+            encoded = set()
+            for text in options:
+                try:
+                    encoded.add(text.encode("utf-8"))
+                except UnicodeEncodeError:  # a lone surrogate has no UTF-8 form: this string is not in it
+                    continue
+            return ByteDFA.from_literals(encoded, max_states=MAX_DFA_STATES)
     low = _Lowering(pattern, name)
     start = low.nfa.add_state()
     end = low.seq(list(tree), tree.state.flags, start)
