@@ -174,6 +174,8 @@ class Outlines(Engine):
         return out
 
     def accept(self, m, token):
+        if token == self.eos:  # outlines' advance() raises on EOS even where it is allowed: end of text
+            return self.eos in m.get_tokens()
         try:
             m.advance(token)
             return True
