@@ -9,8 +9,9 @@ The schema is lowered to a `GrammarIR` (terminals are regexes, rules a context-f
 the grammar engine (`constrain.grammars.cfg`). What is enforced exactly: `type` (and lists of types),
 `enum`/`const`, `properties`/`required`/`additionalProperties` (properties in schema order, extra ones after
 them), `items`/`prefixItems`/`additionalItems`/`minItems`/`maxItems`, `minLength`/`maxLength`, `pattern`,
-`format` (date, time, date-time, email, uuid, ipv4, ipv6, hostname, uri), integer bounds, number bounds with
-integer values, `anyOf`, `allOf` of mergeable schemas, `minProperties`/`maxProperties`, local
+`format` (date, time, date-time, email, uuid, ipv4, ipv6, hostname, uri), integer and decimal bounds and
+`multipleOf` (exact decimals: `json_numbers`), `patternProperties` (several patterns), `propertyNames` (string
+keywords), `anyOf`, `allOf` of mergeable schemas, `minProperties`/`maxProperties`, local
 `$ref`/`$defs`/`definitions` (recursion included), boolean schemas; `not`, `if`/`then`/`else`,
 `dependentRequired`/`dependentSchemas`/`dependencies` and `oneOf` where `schema_logic` rewrites them exactly.
 Property order: the schema's (default) or any (`property_order="any"`).
@@ -29,6 +30,7 @@ from __future__ import annotations
 import json
 import math
 import re
+from fractions import Fraction
 from functools import lru_cache
 from typing import Any
 
@@ -37,6 +39,7 @@ from constrain.errors import ConstraintError, SpecError, UnsupportedError
 from .cfg import GrammarConstraint
 from .dfa import ByteDFA
 from .earley import GrammarIR, Rule, Terminal
+from .json_numbers import exact, lower_bound_regex, multiple_dfa, upper_bound_regex
 from .product import product_dfa as _product_dfa
 from .schema_logic import (
     LOGIC_KEYWORDS,
@@ -99,6 +102,8 @@ HANDLED = {
     "$ref",
     "minProperties",
     "maxProperties",
+    "multipleOf",
+    "propertyNames",
 }
 HANDLED |= {*LOGIC_KEYWORDS, NOT_ENUM, NOT_PATTERN}  # rewritten by `schema_logic`, or internal
 UNSUPPORTED = {
@@ -106,8 +111,6 @@ UNSUPPORTED = {
     "contains",
     "minContains",
     "maxContains",
-    "multipleOf",
-    "propertyNames",
     "unevaluatedProperties",
     "unevaluatedItems",
     "$dynamicRef",
@@ -258,6 +261,7 @@ def _alt(parts: list[str]) -> list[str]:
 MAX_ANY_ORDER_PROPERTIES = 10  # property_order="any": the grammar tracks which of n properties came (2^n)
 _MEMBER_KEYS = ("properties", "patternProperties", "additionalProperties")
 MAX_BRANCHES = 256  # anyOf branches from distributing a conjunction of anyOfs (dependencies, if/then/else)
+MAX_PATTERN_PROPERTIES = 8  # patternProperties: key classes are the sets of patterns that match (pruned)
 MAX_COUNTED_PROPERTIES = 64  # minProperties/maxProperties: one grammar state per count
 
 
@@ -736,6 +740,8 @@ class _Lowering:
                     out[k] = max(out[k], v)
                 elif k in ("maximum", "maxLength", "maxItems", "exclusiveMaximum", "maxProperties"):
                     out[k] = min(out[k], v)
+                elif k == "multipleOf":  # multiples of both: multiples of their least common multiple
+                    out[k] = _lcm(self.multiple_of(out, where), self.multiple_of({k: v}, where))
                 elif out[k] != v:
                     self.unsupported("allOf", where, f" (both branches set {k!r})")
         if len(objects) == 1:
@@ -848,22 +854,64 @@ class _Lowering:
 
     def type_integer(self, schema: dict, where: str) -> list[tuple[str, ...]]:
         lo, lo_x, hi, hi_x = self.bounds(schema, where)
-        if lo is None and hi is None:
+        step = self.multiple_of(schema, where)
+        if lo is None and hi is None and step is None:
             return [(self.term(_INTEGER),)]
         ilo = None if lo is None else (int(lo) + 1 if lo_x and lo == int(lo) else math.ceil(lo))
         ihi = None if hi is None else (int(hi) - 1 if hi_x and hi == int(hi) else math.floor(hi))
         pattern = int_range_regex(ilo, ihi)
-        return [] if pattern == "(?!)" else [(self.term(pattern),)]
+        if pattern == "(?!)":
+            return []
+        if step is None:
+            return [(self.term(pattern),)]
+        return self.number_terminal([] if lo is None and hi is None else [pattern], step, True, where)
+
+    def multiple_of(self, schema: dict, where: str) -> Fraction | None:
+        """The `multipleOf` step as an exact decimal (None if absent). Raises `SpecError` unless > 0."""
+        if "multipleOf" not in schema:
+            return None
+        try:
+            step = exact(schema["multipleOf"])
+        except (TypeError, ValueError):
+            step = None
+        if step is None or step <= 0:
+            raise SpecError(f"multipleOf at {where} must be a number > 0, got {schema['multipleOf']!r}")
+        return step
+
+    def number_terminal(
+        self, patterns: list[str], step: Fraction | None, integer_only: bool, where: str
+    ) -> list[tuple[str, ...]]:
+        """The right-hand side for numbers every pattern matches and, with a `step`, that are multiples
+        of it (an exact residue automaton, exponent-free spellings); [] if there are none."""
+        key = "\x00number:" + json.dumps([patterns, str(step), integer_only])
+        name = self.terminals.get(key)
+        if name is not None:
+            return [(name,)]
+        dfa = None
+        if step is not None:
+            dfa = multiple_dfa(step, integer_only=integer_only)
+            if dfa is None:
+                self.unsupported("multipleOf", where, f" (a step of {step} needs too large an automaton)")
+        if dfa is None and not patterns:
+            return [(self.term(_INTEGER if integer_only else _NUMBER),)]
+        for p in patterns:
+            other = pattern_dfa(p, 0, "number")
+            dfa = other if dfa is None else product_dfa(dfa, other, "and")
+        if dfa.start < 0:
+            return []
+        name = self.terminals[key] = f"T{len(self.terminals)}"
+        self.dfas[key] = dfa
+        return [(name,)]
 
     def type_number(self, schema: dict, where: str) -> list[tuple[str, ...]]:
-        """Numbers; with bounds, exact for integer-valued bounds on exponent-free spellings (`-I.F`)."""
+        """Numbers; with integer bounds, one regex of exponent-free spellings (`-I.F`) and `D.Fe-N` ones;
+        with decimal bounds or `multipleOf`, exact automata (`json_numbers`)."""
         lo, lo_x, hi, hi_x = self.bounds(schema, where)
-        if lo is None and hi is None:
+        step = self.multiple_of(schema, where)
+        if lo is None and hi is None and step is None:
             return [(self.term(_NUMBER),)]
-        for v in (lo, hi):
-            if v is not None and v != math.floor(v):
-                self.unsupported("minimum/maximum", where, f" (non-integer bound {v} on a number)")
-                return [(self.term(_NUMBER),)]
+        if step is not None or any(v is not None and v != math.floor(v) for v in (lo, hi)):
+            return self.decimal_number(lo, lo_x, hi, hi_x, step, where)
         lo = None if lo is None else int(lo)
         hi = None if hi is None else int(hi)
         lo_in = None if lo is None else lo + (1 if lo_x else 0)  # bounds for an exact integer value
@@ -896,6 +944,29 @@ class _Lowering:
         if (lo is None or lo <= -1) and (hi is None or hi >= 0):
             alts.append("-" + small)
         return [(self.term("(?:" + "|".join(alts) + ")"),)] if alts else []
+
+    def decimal_number(
+        self, lo: Any, lo_x: bool, hi: Any, hi_x: bool, step: Fraction | None, where: str
+    ) -> list[tuple[str, ...]]:
+        """Numbers within decimal bounds and/or multiples of `step`, compared exactly as decimals.
+        Exponent spellings: none under `multipleOf`; else `D.Fe-N` (in (0, 1)) and its negation where the
+        bounds hold all of (0, 1) or (-1, 0), as for integer bounds."""
+        patterns = []
+        small = r"[1-9](?:\.[0-9]+)?[eE]-0*[1-9][0-9]*"
+        exps = []
+        if step is None:
+            if (lo is None or lo <= 0) and (hi is None or hi >= 1):
+                exps.append(small)
+            if (lo is None or lo <= -1) and (hi is None or hi >= 0):
+                exps.append("-" + small)
+        for v, x, side in ((lo, lo_x, lower_bound_regex), (hi, hi_x, upper_bound_regex)):
+            if v is None:
+                continue
+            r = side(exact(v), x)
+            if r is None and not exps:
+                return []
+            patterns.append("(?:" + "|".join([*([r] if r else []), *exps]) + ")")
+        return self.number_terminal(patterns, step, False, where)
 
     def type_string(self, schema: dict, where: str) -> list[tuple[str, ...]]:
         lo = schema.get("minLength", 0)
@@ -1018,12 +1089,13 @@ class _Lowering:
         patterns = schema.get("patternProperties") or {}
         if not isinstance(patterns, dict):
             raise SpecError(f"patternProperties at {where} must be an object")
-        if len(patterns) > 1:
-            self.unsupported("patternProperties", where, " (more than one pattern)")
+        if len(patterns) > MAX_PATTERN_PROPERTIES:
+            self.unsupported("patternProperties", where, f" (more than {MAX_PATTERN_PROPERTIES} patterns)")
             patterns = {}
-        pattern = next(iter(patterns.items()), None)
+        key_names = self.key_names(schema, where)  # propertyNames: None, or the DFA of allowed keys
+        pattern = next(iter(patterns.items())) if len(patterns) == 1 and key_names is None else None
         missing = [r for r in required if r not in props]
-        if missing and extra is False and pattern is None:
+        if missing and extra is False and not patterns:
             return []  # a required property that can never appear
         names = list(props)
         lb, rb, comma, colon = self.punct("{"), self.punct("}"), self.punct(","), self.punct(":")
@@ -1031,16 +1103,18 @@ class _Lowering:
         for r in missing:
             names.append(r)
         schemas = {n: props.get(n, extra if extra is not None else True) for n in names}
-        if pattern is not None:  # a name the pattern matches must also satisfy the pattern's schema
-            for n in names:
-                if re.search(pattern[0], n):
-                    base = props[n] if n in props else True
-                    schemas[n] = {"allOf": [base, pattern[1]]}
-                    self.keep.append(schemas[n])
+        for n in names:  # a name a pattern matches must also satisfy the pattern's schema
+            hits = [ps for pat, ps in patterns.items() if re.search(pat, n)]
+            if hits:
+                schemas[n] = self.conjoin(_distinct([props[n] if n in props else True, *hits]))
+            if key_names is not None and not key_names.matches(json.dumps(n).encode()):
+                schemas[n] = False  # propertyNames refuses it: it cannot appear
         required_set = set(required)
         extra_pair = None
         extra_keys = []  # (key terminal, value schema, where) for properties not in `names`
-        if pattern is None:
+        if pattern is None and (patterns or key_names is not None):
+            extra_keys = self.key_classes(names, patterns, extra, key_names, where)
+        elif pattern is None:
             if extra is not False:
                 extra_keys.append((self.other_key(names), extra, f"{where}/additionalProperties"))
         else:
@@ -1073,6 +1147,77 @@ class _Lowering:
                 return [(lb, members.schema_order(), rb)]
             return [(lb, members.any_order(), rb)]
         return [(lb, members.schema_order(), rb)]
+
+    def key_names(self, schema: dict, where: str) -> ByteDFA | None:
+        """The DFA of the JSON spellings of keys `propertyNames` allows (None if absent or `true`).
+        Exact for string keywords (`pattern`, lengths, `format`, `enum`/`const`, `type`); anything else is
+        unsupported (under `lenient`, None)."""
+        sub = self.deref(schema.get("propertyNames", True), where + "/propertyNames")
+        if sub is True or sub == {}:
+            return None
+        if sub is False:
+            return ByteDFA.empty()
+        if not isinstance(sub, dict):
+            raise SpecError(f"propertyNames at {where} must be a schema")
+        keys = {k for k in sub if k in HANDLED | UNSUPPORTED}
+        allowed = {"type", "pattern", "minLength", "maxLength", "format", "enum", "const"}
+        if keys - allowed:
+            self.unsupported("propertyNames", where, f" (only {sorted(allowed)} on keys; got {sorted(keys)})")
+            return None
+        if "enum" in sub or "const" in sub:
+            values = [sub["const"]] if "const" in sub else sub["enum"]
+            if not isinstance(values, list):
+                raise SpecError(f"enum at {where}/propertyNames must be a list")
+            names = [v for v in values if isinstance(v, str) and self.check(v, sub, where)]
+            if not names:
+                return ByteDFA.empty()
+            return pattern_dfa("|".join(string_literal_regex(v) for v in names), 0, "property names")
+        types = sub.get("type", "string")
+        if "string" not in ([types] if isinstance(types, str) else types):
+            return ByteDFA.empty()
+        alts = self.type_string(sub, where + "/propertyNames")
+        if not alts:
+            return ByteDFA.empty()
+        key = next(k for k, v in self.terminals.items() if v == alts[0][0])
+        return self.dfas.get(key) or pattern_dfa(key, 0, "property names")
+
+    def key_classes(
+        self, names: list[str], patterns: dict, extra: Any, key_names: ByteDFA | None, where: str
+    ) -> list[tuple[str, Any, str]]:
+        """(key terminal, value schema, where) for the keys not in `names`, one class per set of patterns
+        that match (the value must satisfy all their schemas; no pattern: `additionalProperties`), each key
+        DFA cut to what `propertyNames` allows. Classes no key can be in are left out."""
+        self.other_key(names)
+        any_key = pattern_dfa('"' + _CHAR + '*"', 0, "string")
+        dfa = self.dfas.get(self.other_key_key(names)) if names else any_key
+        if key_names is not None:
+            dfa = product_dfa(dfa, key_names, "and")
+        at = f"{where}/patternProperties"
+        matchers = [
+            (pattern_dfa('"' + self.json_pattern(p, at) + '"', 0, "key pattern"), ps)
+            for p, ps in patterns.items()
+        ]
+        out: list[tuple[str, Any, str]] = []
+
+        def split(dfa: ByteDFA, i: int, hits: list) -> None:
+            if dfa.start < 0:
+                return
+            if i < len(matchers):
+                split(product_dfa(dfa, matchers[i][0], "and"), i + 1, [*hits, matchers[i][1]])
+                split(product_dfa(dfa, matchers[i][0], "minus"), i + 1, hits)
+                return
+            if not hits and extra is False:
+                return
+            key = f"\x00key-class:{id(dfa)}"  # DFAs are kept alive in self.dfas: ids stay unique
+            name = self.terminals.get(key)
+            if name is None:
+                name = self.terminals[key] = f"T{len(self.terminals)}"
+                self.dfas[key] = dfa
+            value = self.conjoin(_distinct(hits)) if hits else extra
+            out.append((name, value, f"{where}/{'patternProperties' if hits else 'additionalProperties'}"))
+
+        split(dfa, 0, [])
+        return out
 
     def property_counts(self, schema: dict, where: str) -> tuple[int, int | None]:
         """(minProperties, maxProperties or None), validated."""
@@ -1132,6 +1277,20 @@ def product_dfa(a: ByteDFA, b: ByteDFA, mode: str) -> ByteDFA:
     Raises `CompileLimitError` past `MAX_DFA_STATES` product states.
     """
     return _product_dfa(a, b, mode, MAX_DFA_STATES)
+
+
+def _distinct(schemas: list) -> list:
+    """`schemas` without repeats (equal schemas, e.g. patterns that all `$ref` one definition)."""
+    out: list = []
+    for x in schemas:
+        if not any(x is y or x == y for y in out):
+            out.append(x)
+    return out
+
+
+def _lcm(a: Fraction, b: Fraction) -> Fraction:
+    """The least positive rational that is an integer multiple of both `a` and `b` (both > 0)."""
+    return Fraction(math.lcm(a.numerator, b.numerator), math.gcd(a.denominator, b.denominator))
 
 
 def _json_type(value: Any) -> str:

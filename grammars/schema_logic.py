@@ -21,6 +21,7 @@ patterns; a string that `re.search` matches with none of them).
 from __future__ import annotations
 
 from collections.abc import Callable
+from fractions import Fraction
 from typing import Any
 
 NOT_ENUM = "$constrain:notEnum"
@@ -244,7 +245,6 @@ def check_value(
     Raises:
         Undecided: a keyword this small validator does not evaluate (the caller treats it as unsupported).
     """
-    import math
     import re
 
     if depth > 40:
@@ -304,8 +304,7 @@ def check_value(
             if k in ("minimum", "maximum") and schema.get("exclusive" + k[0].upper() + k[1:]) is True:
                 ok = value > v if k == "minimum" else value < v
         elif kind in ("integer", "number") and k == "multipleOf":
-            q = value / v
-            ok = math.isfinite(q) and q == int(q)
+            ok = (_exact(value) / _exact(v)).denominator == 1  # decimals, exactly (not float division)
         elif kind == "array" and k in ("minItems", "maxItems", "items", "prefixItems", "uniqueItems"):
             if k == "minItems":
                 ok = len(value) >= v
@@ -406,6 +405,11 @@ def _check_object(value: dict, schema: dict, k: str, v: Any, sub: Callable) -> b
         if name in value and not (all(d in value for d in dep) if isinstance(dep, list) else sub(dep)):
             return False
     return True
+
+
+def _exact(number: Any) -> Fraction:
+    """A JSON number as the exact decimal it was written as (floats by their shortest repr)."""
+    return Fraction(repr(number)) if isinstance(number, float) else Fraction(number)
 
 
 def _kind(value: Any) -> str:

@@ -751,11 +751,11 @@ def test_generate_refuses_n_and_num_beams_together(smollm2):
         generate(model, tok, "hi", n=2, num_beams=2)
 
 
-# -- jump-forward ----------------------------------------------------------------------------------------------
+# -- jump-forward --------------------------------------------------------------------------------------------
 
 
 def brute_force_greedy_jump_forward(model, prompt: list[int], matcher, vocab, max_new: int) -> list[int]:
-    """Greedy masked argmax with full forwards, appending `matcher.forced_tokens()` after each chosen token."""
+    """Greedy masked argmax with full forwards, appending `matcher.forced_tokens()` after each token."""
     tokens: list[int] = []
     while len(tokens) < max_new:
         allowed = matcher.allowed_tokens()

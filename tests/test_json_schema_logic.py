@@ -59,6 +59,20 @@ LOGIC = {
         ]
     },
     "enum_with_logic": {"enum": ["a", "bb", 3, None], "not": {"type": "null"}, "maxLength": 1},
+    "pattern_properties_overlapping": {  # "b" matches both patterns: its value must satisfy both schemas
+        "type": "object",
+        "properties": {"a": {"type": ["integer", "string"]}},
+        "patternProperties": {"^[ab]": {"type": "integer"}, "[bc]$": {"minimum": 0}, "^d": False},
+        "additionalProperties": {"type": "string"},
+    },
+    "property_names_pattern": {
+        "type": "object",
+        "properties": {"a": {}, "d": {}},
+        "propertyNames": {"pattern": "^[abc]$"},
+        "patternProperties": {"^b": {"type": "integer"}},
+    },
+    "property_names_enum": {"type": "object", "propertyNames": {"enum": ["a", "c", 1]}, "minProperties": 1},
+    "property_names_false": {"type": "object", "propertyNames": False},
 }
 
 scalars = st.one_of(
@@ -136,6 +150,7 @@ def test_referenced_properties_come_first_in_schema_order():
         ({"not": {"format": "date"}}, "not"),
         ({"oneOf": [{"type": "string"}, {"format": "date"}]}, "oneOf"),
         ({"type": "object", "if": {"propertyNames": {"maxLength": 2}}, "then": {"required": ["a"]}}, "if"),
+        ({"type": "object", "propertyNames": {"not": {"const": "a"}}}, "propertyNames"),
         ({"type": "object", "maxProperties": 1000}, "maxProperties"),
     ],
 )
@@ -143,3 +158,15 @@ def test_logic_keywords_without_an_exact_rewrite_raise_or_are_listed_when_lenien
     with pytest.raises(UnsupportedError, match=keyword):
         json_schema(schema)
     assert any(keyword in item for item in json_schema(schema, lenient=True).ignored)
+
+
+def test_overlapping_patterns_with_equal_schemas_are_one_conjunct():
+    """Patterns that all `$ref` one definition (which has patternProperties of its own) need no merge."""
+    schema = {
+        "definitions": {"cmd": {"type": "object", "patternProperties": {"^k": {"type": "integer"}}}},
+        "type": "object",
+        "patternProperties": {".*": {"$ref": "#/definitions/cmd"}, "^x$": {"$ref": "#/definitions/cmd"}},
+    }
+    compiled = json_schema(schema).compile(VOCAB)
+    for value in ({"x": {"k": 1}}, {"y": {"k": "s"}}, {"x": {"k": "s"}}, {"x": 1}):
+        assert accepts(compiled, json.dumps(value)) == jsonschema.Draft202012Validator(schema).is_valid(value)
