@@ -135,6 +135,9 @@ class Grammar:
         # lexeme right after one adds no string, so walks need not start one there (see cfg.fill_words).
         self.closed_ignore = frozenset(t for t in self.ignore if concat_closed(self.dfas[t]))
         self._lock = threading.Lock()
+        self.states: dict[
+            tuple[tuple[int, int, int], ...], EarleyState
+        ] = {}  # by kernel (`EarleyState.scan`)
         self.root = EarleyState.initial(self)
 
     def __repr__(self) -> str:
@@ -165,7 +168,8 @@ class EarleyState:
     """The Earley item set at one lexeme boundary (immutable once built; items point at earlier states).
 
     Attributes:
-        by_next: symbol -> the items `(rule, dot, origin)` whose next symbol it is.
+        by_next: symbol -> the items whose next symbol it is, flat: `[rule, dot, origin, rule, dot, ...]`
+            (one list per symbol, not a tuple per item: fewer objects for the garbage collector to scan).
         accepting: the input up to here is a complete sentence.
         expected: the terminals that may come next (ignored terminals not included).
     """
@@ -174,7 +178,7 @@ class EarleyState:
 
     def __init__(self, g: Grammar):
         self.g = g
-        self.by_next: dict[int, list[tuple[int, int, EarleyState]]] = {}
+        self.by_next: dict[int, list[int | EarleyState]] = {}
         self.accepting = False
         self.expected: frozenset[int] = frozenset()
         self._after: dict[frozenset[int], tuple[EarleyState, ...]] = {}
@@ -208,10 +212,14 @@ class EarleyState:
                     accepting = True
                 if o is self:
                     continue  # an empty derivation here: the nullable advance below already covered it
-                new = [(r2, d2 + 1, o2) for r2, d2, o2 in o.by_next.get(g.lhs[r], ())]
+                it = iter(o.by_next.get(g.lhs[r], ()))
+                new = [(r2, d2 + 1, o2) for r2, d2, o2 in zip(it, it, it, strict=True)]
             else:
                 sym = rhs[d]
-                by_next.setdefault(sym, []).append((r, d, o))
+                items = by_next.get(sym)
+                if items is None:
+                    items = by_next[sym] = []
+                items += (r, d, o)
                 if sym < n_t:
                     continue
                 new = []
@@ -237,13 +245,24 @@ class EarleyState:
         """The state after a lexeme that any of `terminals` matched, or None if none is expected here."""
         kernel = []
         for t in terminals:
-            for r, d, o in self.by_next.get(t, ()):
+            it = iter(self.by_next.get(t, ()))
+            for r, d, o in zip(it, it, it, strict=True):
                 kernel.append((r, d + 1, o))
         if not kernel:
             return None
-        state = EarleyState(self.g)
-        state._close(kernel, root=self.g.root)
-        return state
+        # A state is a function of its kernel: states with equal kernels are interned, so a loop of the
+        # grammar (the elements of an array, say) comes back to the same states, and to their cached fills.
+        # The key holds origins by id (the interned state's items keep those origins alive), and only ints:
+        # the garbage collector stops tracking it.
+        key = tuple(sorted({(r, d, id(o)) for r, d, o in kernel}))
+        g = self.g
+        hit = g.states.get(key)
+        if hit is not None:
+            return hit
+        state = EarleyState(g)
+        state._close(kernel, root=g.root)
+        with g._lock:
+            return g.states.setdefault(key, state)
 
     def after(self, terminals: frozenset[int]) -> tuple[EarleyState, ...]:
         """The states a lexeme matched by `terminals` leads to: this one (ignored terminal) and/or the scan.

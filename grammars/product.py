@@ -10,6 +10,7 @@ state (0), and -1 is the dead state: no component alive, or a required component
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Sequence
 
 import numpy as np
@@ -19,6 +20,25 @@ from constrain.errors import CompileLimitError
 
 from .dfa import ByteDFA, minimize
 from .sets import FULL_POOL, FULL_STATES, intern, table_size
+
+# Base hints (see `set_base`): a DFA -> a DFA of a nearly equal language, whose lexer walks are shared.
+_bases: weakref.WeakKeyDictionary[ByteDFA, ByteDFA] = weakref.WeakKeyDictionary()
+
+
+def set_base(dfa: ByteDFA, base: ByteDFA) -> None:
+    """Hint that the language of `dfa` differs from that of `base` only on few strings (e.g. JSON strings
+    minus a set of property names): the trie walks of `dfa`'s lexer are then derived from the (shared,
+    cached) walks of `base`'s, walking the trie only where the two languages differ (`lexer.BaseLink`).
+
+    Exact whatever the hint: a poor one only costs time. Used by lexers of `dfa` alone.
+    """
+    if dfa is not base and dfa.n_states > 0 and base.n_states > 0:
+        _bases[dfa] = base
+
+
+def base_hint(dfa: ByteDFA) -> ByteDFA | None:
+    """The base set for `dfa` by `set_base`, if any."""
+    return _bases.get(dfa)
 
 
 @njit(cache=True, nogil=True)
@@ -214,4 +234,7 @@ def product_dfa(a: ByteDFA, b: ByteDFA, mode: str, max_states: int) -> ByteDFA:
     else:
         set_ok = [0 in s and 1 not in s for s in prod.accept_sets]
     accepting = np.asarray(set_ok, dtype=np.bool_)[prod.accept_id]
-    return minimize(prod.transitions, accepting, 0, np.arange(256))
+    out = minimize(prod.transitions, accepting, 0, np.arange(256))
+    if mode == "minus":  # a few strings less (names, enum values): walks can start from those of `a`
+        set_base(out, a)
+    return out

@@ -22,15 +22,19 @@ from functools import cache, lru_cache
 
 import numpy as np
 
-from constrain.errors import CompileLimitError, SpecError, UnsupportedError
+from constrain.errors import CompileLimitError, ConstraintError, SpecError, UnsupportedError
 
 from .dfa import NFA, ByteDFA
+from .product import set_base
 
 MAX_NFA_STATES = 200_000
 MAX_DFA_STATES = 20_000
 _MAXREPEAT = C.MAXREPEAT
 # Counted repeats are unrolled; past this many copies of the body the pattern is refused (never a hang).
 MAX_UNROLL = 4_000
+# A pattern with a repeat {lo,hi} where hi - lo exceeds this gets the same pattern with {lo,} as its walk
+# base (`product.set_base`): strings of at most 40 characters walk by difference from strings of any length.
+RELAX_SPAN = 16
 
 # Lark's common.lark terminals written with lookaround, mapped to exact regular equivalents.
 _KNOWN_REWRITES = {
@@ -123,10 +127,12 @@ _CATEGORY = {
 class _Lowering:
     """Thompson construction from `re._parser`'s tree into a byte NFA."""
 
-    def __init__(self, pattern: str, name: str):
+    def __init__(self, pattern: str, name: str, relax: bool = False):
         self.pattern = pattern
         self.name = name
         self.nfa = NFA(max_states=MAX_NFA_STATES)
+        self.relax = relax  # lower long counted repeats {lo,hi} as {lo,}
+        self.relaxable = False  # the pattern has such a repeat
 
     def fail(self, what: str) -> UnsupportedError:
         return UnsupportedError(
@@ -204,6 +210,10 @@ class _Lowering:
                     f"terminal {self.name}: counted repeat {{{lo},{hi}}} exceeds {MAX_UNROLL} "
                     f"(pattern /{self.pattern}/)"
                 )
+            if hi is not _MAXREPEAT and hi - lo > RELAX_SPAN:
+                self.relaxable = True
+                if self.relax:
+                    hi = _MAXREPEAT
             for _ in range(lo):
                 src = self.seq(body, flags, src)
             if hi is _MAXREPEAT:
@@ -315,7 +325,34 @@ def pattern_dfa(pattern: str, flags: int = 0, name: str = "?") -> ByteDFA:
     low = _Lowering(pattern, name)
     start = low.nfa.add_state()
     end = low.seq(list(tree), tree.state.flags, start)
-    return ByteDFA.from_nfa(low.nfa, start, end, max_states=MAX_DFA_STATES)
+    dfa = ByteDFA.from_nfa(low.nfa, start, end, max_states=MAX_DFA_STATES)
+    if low.relaxable:
+        base = _relaxed_dfa(pattern, flags)
+        if base is not None:
+            set_base(dfa, base)
+    return dfa
+
+
+_by_content: dict[tuple[bytes, bytes], ByteDFA] = {}
+
+
+@lru_cache(maxsize=1024)
+def _relaxed_dfa(pattern: str, flags: int) -> ByteDFA | None:
+    """The DFA of `pattern` with its long counted repeats unbounded above (None if it cannot be built).
+
+    Interned by content (minimal DFAs are numbered canonically), so patterns that differ only in their
+    bounds share one base, and its walks.
+    """
+    try:
+        tree = sre_parse.parse(pattern, flags)
+        low = _Lowering(pattern, "relaxed", relax=True)
+        start = low.nfa.add_state()
+        end = low.seq(list(tree), tree.state.flags, start)
+        dfa = ByteDFA.from_nfa(low.nfa, start, end, max_states=MAX_DFA_STATES)
+    except (re.error, ConstraintError):
+        return None
+    key = (dfa.transitions.tobytes(), dfa.accepting.tobytes())
+    return _by_content.setdefault(key, dfa)
 
 
 def literal_dfa(text: str, ignore_case: bool = False, name: str = "?") -> ByteDFA:

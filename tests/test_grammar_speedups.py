@@ -7,6 +7,9 @@
 * `dfa._subsets` (numba subset construction) against the plain-Python construction it replaced.
 * `lexer.Frontier.walk`: the token ids the numba walk records (sparse results), and the mask it falls back
   to past `SPARSE_IDS`, against running each token's bytes through the lexer.
+* walks derived from a base lexer's (`product.set_base`: strings minus names, long counted repeats) against
+  brute force on random automata and frontiers, and against the plain walk on a real vocabulary.
+* Earley states interned by kernel against a parser that builds every state afresh.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from hypothesis import strategies as st
 from constrain.errors import CompileLimitError
 from constrain.grammars import dfa as dfa_mod
 from constrain.grammars import lexer as lexer_mod
+from constrain.grammars import product as product_mod
 from constrain.grammars import terminals
 from constrain.grammars.dfa import ByteDFA, minimize
 from constrain.grammars.json_schema import product_dfa
@@ -408,3 +412,163 @@ def test_subset_construction_past_its_bound_raises_compile_limit_error():
     assert ByteDFA.from_nfa(low.nfa, start, end, max_states=512).n_states == 512
     with pytest.raises(CompileLimitError, match="max_states=100"):
         ByteDFA.from_nfa(low.nfa, start, end, max_states=100)
+
+
+# -- walks derived from a base lexer's (product.set_base) ------------------------------------------------
+def brute_walk(frontier_nodes: list[int], lexer: Lexer, state: int) -> tuple[set[int], dict[tuple, set[int]]]:
+    """The tokens and boundaries of a walk, by running each trie node's bytes below each root."""
+    trie = VOCAB.trie
+    tokens: set[int] = set()
+    groups: dict[tuple, set[int]] = {}
+    for root in frontier_nodes:
+        path: dict[int, int] = {int(trie.node_depth[root]): state}
+        for i in range(root + 1, int(trie.node_end[root])):
+            depth = int(trie.node_depth[i])
+            prev = path.get(depth - 1, -1)
+            s = int(lexer.transitions[prev, trie.node_byte[i]]) if prev >= 0 else -1
+            path[depth] = s
+            if s < 0:
+                continue
+            tokens.update(trie.token_ids[trie.token_start[i] : trie.token_start[i + 1]].tolist())
+            if lexer.accepting[s] and trie.node_end[i] > i + 1:
+                groups.setdefault(lexer.accepts[s], set()).add(i)
+    return tokens, groups
+
+
+def walk_sets(result: lexer_mod.WalkResult) -> tuple[set[int], dict[tuple, set[int]]]:
+    out = np.zeros((VOCAB.vocab_size + 31) // 32, dtype=np.uint32)
+    result.apply(out)
+    bits = np.unpackbits(out.view(np.uint8), bitorder="little")[: VOCAB.vocab_size]
+    groups: dict[tuple, set[int]] = {}
+    for acc, f in result.groups:
+        groups.setdefault(acc, set()).update(f.nodes.tolist())
+    return set(np.flatnonzero(bits).tolist()), groups
+
+
+@pytest.mark.parametrize("sparse_ids", [0, 1024])
+@SETTINGS
+@given(a=dfas(), b=dfas(), hint=st.one_of(st.none(), dfas()), data=st.data())
+def test_walks_derived_from_a_base_lexer_equal_brute_force(sparse_ids, a, b, hint, data, monkeypatch):
+    """For L = a minus b, hinted to derive its walks from a's (or from an unrelated DFA: the hint must not
+    matter), the walk from every state of L's lexer over any frontier (root, nested or not) allows exactly
+    the tokens and records exactly the boundaries that running the bytes through L gives."""
+    monkeypatch.setattr(lexer_mod, "SPARSE_IDS", sparse_ids)
+    minus = product_mod.product_dfa(a, b, "minus", 1000)
+    assume(minus.n_states > 0)
+    if hint is not None:
+        product_mod.set_base(minus, hint)
+    lexer = Lexer([minus])
+    n_nodes = VOCAB.trie.n_nodes
+    roots = data.draw(
+        st.just([0]) | st.lists(st.integers(0, n_nodes - 1), min_size=1, max_size=4, unique=True).map(sorted)
+    )
+    frontier = Frontier(np.asarray(roots, dtype=np.int32))
+    for state in range(lexer.n_states):
+        assert walk_sets(frontier.walk(lexer, state, VOCAB)) == brute_walk(roots, lexer, state)
+
+
+def _minus_names_dfa() -> ByteDFA:
+    string = pattern_dfa(r'"(?:[^"\\\x00-\x1f]|\\["\\/bfnrt])*"')
+    return product_mod.product_dfa(string, pattern_dfa('"name"|"nam"|"x"'), "minus", 1000)
+
+
+@pytest.mark.parametrize(
+    "make", [_minus_names_dfa, lambda: pattern_dfa('"[a-z ]{0,30}"'), lambda: pattern_dfa("x[ab]{2,40}")]
+)
+def test_hinted_lexer_walks_use_the_base_and_equal_the_plain_walk(make):
+    """Lexers whose DFA has a base hint (strings minus names: from the product; a long counted repeat: the
+    same pattern unbounded above) derive their walks from the base's; on the GPT-2 vocabulary, every
+    state's root walk equals the plain numba walk of the same lexer."""
+    from constrain.assets import load_vocabulary
+
+    vocab = load_vocabulary("gpt2")
+    minus = make()
+    assert product_mod.base_hint(minus) is not None
+    derived = Lexer([minus])
+    plain = Lexer([minus])
+    plain.base_dfa = None
+    link = derived.link()
+    assert link is not None and (link.base_of >= 0).all()
+    root = Frontier(np.zeros(1, dtype=np.int32))
+    for state in range(derived.n_states):
+        got = root.walk(derived, state, vocab)
+        want = root.walk(plain, state, vocab)
+        bits = []
+        for r in (got, want):
+            out = np.zeros((vocab.vocab_size + 31) // 32, dtype=np.uint32)
+            r.apply(out)
+            bits.append(out)
+        assert np.array_equal(bits[0], bits[1]), state
+        assert {a: set(f.nodes.tolist()) for a, f in got.groups} == {
+            a: set(f.nodes.tolist()) for a, f in want.groups
+        }
+
+
+# -- Earley states interned by kernel ---------------------------------------------------------------------
+class _NoInterning(dict):
+    """A `Grammar.states` table that never keeps a state: every scan builds a fresh one (the slow path)."""
+
+    def get(self, key, default=None):  # noqa: ANN001, ANN201
+        return default
+
+    def setdefault(self, key, default=None):  # noqa: ANN001, ANN201
+        return default
+
+
+SYMBOLS = ["a", "b", "c", "S", "A", "B"]
+rules_strategy = st.lists(
+    st.tuples(st.sampled_from(["S", "A", "B"]), st.lists(st.sampled_from(SYMBOLS), max_size=3).map(tuple)),
+    min_size=1,
+    max_size=8,
+)
+
+
+@SETTINGS
+@given(rules=rules_strategy, text=st.lists(st.sampled_from("abc"), max_size=12))
+def test_interned_earley_states_behave_like_fresh_ones(rules, text):
+    """On random grammars (left, right and self recursion, empty rules) and random terminal strings, the
+    parser that interns states by kernel expects the same terminals, accepts at the same places and dies at
+    the same place as the parser that builds every state afresh."""
+    from constrain.errors import SpecError
+    from constrain.grammars.earley import Grammar, GrammarIR, Rule, Terminal
+
+    ir = GrammarIR(
+        terminals=tuple(Terminal(x, x) for x in "abc"),
+        rules=tuple(Rule(lhs, rhs) for lhs, rhs in rules),
+        start="S",
+    )
+    try:
+        fast = Grammar(ir)
+    except SpecError:
+        assume(False)
+    slow = Grammar(ir)
+    slow.states = _NoInterning()
+    ids = {x: i for i, x in enumerate("abc")}
+    a, b = fast.root, slow.root
+    for x in text:
+        assert (a.expected, a.accepting) == (b.expected, b.accepting)
+        na, nb = a.after(frozenset({ids[x]})), b.after(frozenset({ids[x]}))
+        assert len(na) == len(nb)
+        if not na:
+            return
+        a, b = na[0], nb[0]
+    assert (a.expected, a.accepting) == (b.expected, b.accepting)
+
+
+def test_a_grammar_loop_comes_back_to_the_same_earley_state():
+    """In a left-recursive list, the state after each separator is the same object from the second on."""
+    from constrain.grammars.earley import Grammar, GrammarIR, Rule, Terminal
+
+    ir = GrammarIR(
+        terminals=(Terminal("X", "x"), Terminal("C", ",")),
+        rules=(Rule("S", ("X", "T")), Rule("T", ()), Rule("T", ("T", "C", "X"))),
+        start="S",
+    )
+    g = Grammar(ir)
+    x, c = frozenset({0}), frozenset({1})
+    states = [g.root]
+    for t in [x, c, x, c, x, c, x]:
+        (nxt,) = states[-1].after(t)
+        states.append(nxt)
+    assert states[4] is states[2] and states[6] is states[2] and states[5] is states[3]
+    assert states[7] is states[3] and states[7].accepting
