@@ -118,9 +118,11 @@ class Grammar:
         self.symbol_names = names + nt_names
         self.lhs = [lhs for lhs, _ in rules]
         self.rhs = [rhs for _, rhs in rules]
-        self.rules_of: dict[int, list[int]] = {}
+        rules_of: dict[int, list[int]] = {}
         for i, lhs in enumerate(self.lhs):
-            self.rules_of.setdefault(lhs, []).append(i)
+            rules_of.setdefault(lhs, []).append(i)
+        # Tuples of ints, not lists: the garbage collector stops tracking them (grammars live long).
+        self.rules_of: dict[int, tuple[int, ...]] = {lhs: tuple(rs) for lhs, rs in rules_of.items()}
         nullable: set[int] = set()
         changed = True
         while changed:
@@ -135,10 +137,34 @@ class Grammar:
         # lexeme right after one adds no string, so walks need not start one there (see cfg.fill_words).
         self.closed_ignore = frozenset(t for t in self.ignore if concat_closed(self.dfas[t]))
         self._lock = threading.Lock()
+        # Per non-terminal, the items its prediction adds (`own_items`), built on first use.
+        self._own: dict[int, tuple[tuple[int, tuple[int, ...], int], ...]] = {}
         self.states: dict[
             tuple[tuple[int, int, int], ...], EarleyState
         ] = {}  # by kernel (`EarleyState.scan`)
+        self.state_list: list[EarleyState] = []  # by `EarleyState.index`
         self.root = EarleyState.initial(self)
+
+    def own_items(self, x: int) -> tuple[tuple[int, tuple[int, ...], int], ...]:
+        """The items that predicting non-terminal `x` adds for its own rules (origin: the predicting state):
+        `(rule, dot)` for every dot from 0 across a nullable prefix of the rule, up to its first non-nullable
+        symbol (complete items left out: an empty derivation is covered by the nullable advance).
+
+        Grouped by next symbol: `(symbol, (rule, dot, 0, rule, dot, 0, ...), count)`, the zeros being slots
+        for the origin (the flat layout of `EarleyState.by_next`).
+        """
+        hit = self._own.get(x)
+        if hit is not None:
+            return hit
+        groups: dict[int, list[int]] = {}
+        for r in self.rules_of.get(x, ()):
+            rhs = self.rhs[r]
+            for d, sym in enumerate(rhs):
+                groups.setdefault(sym, []).extend((r, d, 0))
+                if sym not in self.nullable:
+                    break
+        out = tuple((sym, tuple(flat), len(flat) // 3) for sym, flat in groups.items())
+        return self._own.setdefault(x, out)
 
     def __repr__(self) -> str:
         return f"Grammar({self.n_terminals} terminals, {len(self.lhs)} rules, start {self.ir.start!r})"
@@ -168,17 +194,22 @@ class EarleyState:
     """The Earley item set at one lexeme boundary (immutable once built; items point at earlier states).
 
     Attributes:
-        by_next: symbol -> the items whose next symbol it is, flat: `[rule, dot, origin, rule, dot, ...]`
-            (one list per symbol, not a tuple per item: fewer objects for the garbage collector to scan).
+        index: this state's position in `Grammar.state_list` (items name their origin by it).
+        by_next: symbol -> the items whose next symbol it is, flat: `(rule, dot, origin index, rule, ...)`.
+            Only ints: the garbage collector stops tracking these tuples and dicts after one pass, so the
+            (many, long-lived) parse states add next to nothing to a full collection's cost.
         accepting: the input up to here is a complete sentence.
         expected: the terminals that may come next (ignored terminals not included).
     """
 
-    __slots__ = ("g", "by_next", "accepting", "expected", "_after", "n_items", "__weakref__")
+    __slots__ = ("g", "index", "by_next", "accepting", "expected", "_after", "n_items", "__weakref__")
 
     def __init__(self, g: Grammar):
         self.g = g
-        self.by_next: dict[int, list[int | EarleyState]] = {}
+        with g._lock:
+            self.index = len(g.state_list)
+            g.state_list.append(self)
+        self.by_next: dict[int, tuple[int, ...]] = {}
         self.accepting = False
         self.expected: frozenset[int] = frozenset()
         self._after: dict[frozenset[int], tuple[EarleyState, ...]] = {}
@@ -187,80 +218,86 @@ class EarleyState:
     @classmethod
     def initial(cls, g: Grammar) -> EarleyState:
         state = cls(g)
-        state._close([(0, 0, state)], root=state)
+        state._close([(0, 0, state.index)], root=state.index)
         return state
 
-    def _close(self, kernel: Iterable[tuple[int, int, EarleyState]], root: EarleyState) -> None:
-        """Prediction and completion from the kernel items (Earley's closure, nullable-aware)."""
+    def items(self) -> list[tuple[int, int, EarleyState]]:
+        """The items that wait for a symbol: `(rule, dot, origin state)` (for tests and debugging)."""
+        states = self.g.state_list
+        out = []
+        for flat in self.by_next.values():
+            it = iter(flat)
+            out += [(r, d, states[o]) for r, d, o in zip(it, it, it, strict=True)]
+        return out
+
+    def _close(self, kernel: Iterable[tuple[int, int, int]], root: int) -> None:
+        """Prediction and completion from the kernel items `(rule, dot, origin index)` (Earley's closure,
+        nullable-aware); `root` is the index of the grammar's first state."""
         g = self.g
         n_t = g.n_terminals
-        seen: set[tuple[int, int, int]] = set()
-        agenda: list[tuple[int, int, EarleyState]] = []
-        for r, d, o in kernel:
-            key = (r, d, id(o))
-            if key not in seen:
-                seen.add(key)
-                agenda.append((r, d, o))
+        states = g.state_list
+        me = self.index
+        seen: set[tuple[int, int, int]] = set(kernel)
+        agenda: list[tuple[int, int, int]] = list(seen)
         predicted: set[int] = set()
-        by_next = self.by_next
+        by_next: dict[int, list[int]] = {}
         accepting = False
+        n_self = 0  # items predicted here (origin `self`), added in bulk by `_predict`
         while agenda:
-            r, d, o = agenda.pop()
+            item = agenda.pop()
+            r, d, o = item
             rhs = g.rhs[r]
             if d == len(rhs):
-                if r == 0 and o is root:
+                if r == 0 and o == root:
                     accepting = True
-                if o is self:
+                if o == me:
                     continue  # an empty derivation here: the nullable advance below already covered it
-                it = iter(o.by_next.get(g.lhs[r], ()))
+                it = iter(states[o].by_next.get(g.lhs[r], ()))
                 new = [(r2, d2 + 1, o2) for r2, d2, o2 in zip(it, it, it, strict=True)]
             else:
                 sym = rhs[d]
                 items = by_next.get(sym)
                 if items is None:
                     items = by_next[sym] = []
-                items += (r, d, o)
+                items += item
                 if sym < n_t:
                     continue
                 new = []
                 if sym not in predicted:
-                    predicted.add(sym)
-                    new.extend((r2, 0, self) for r2 in g.rules_of.get(sym, ()))
+                    n_self += _predict(g, me, sym, predicted, by_next)
                 if sym in g.nullable:
                     new.append((r, d + 1, o))
-            for r2, d2, o2 in new:
-                key = (r2, d2, id(o2))
-                if key not in seen:
-                    seen.add(key)
-                    agenda.append((r2, d2, o2))
-            if len(seen) > MAX_ITEMS_PER_STATE:
+            for item2 in new:
+                if item2 not in seen:
+                    seen.add(item2)
+                    agenda.append(item2)
+            if len(seen) + n_self > MAX_ITEMS_PER_STATE:
                 raise CompileLimitError(
                     f"an Earley set grew past {MAX_ITEMS_PER_STATE} items (a highly ambiguous grammar?)"
                 )
-        self.n_items = len(seen)
+        self.by_next = {sym: tuple(flat) for sym, flat in by_next.items()}
+        self.n_items = len(seen) + n_self
         self.accepting = accepting
         self.expected = frozenset(s for s in by_next if s < n_t)
 
     def scan(self, terminals: Iterable[int]) -> EarleyState | None:
         """The state after a lexeme that any of `terminals` matched, or None if none is expected here."""
-        kernel = []
+        kernel: set[tuple[int, int, int]] = set()
         for t in terminals:
             it = iter(self.by_next.get(t, ()))
-            for r, d, o in zip(it, it, it, strict=True):
-                kernel.append((r, d + 1, o))
+            kernel.update((r, d + 1, o) for r, d, o in zip(it, it, it, strict=True))
         if not kernel:
             return None
         # A state is a function of its kernel: states with equal kernels are interned, so a loop of the
         # grammar (the elements of an array, say) comes back to the same states, and to their cached fills.
-        # The key holds origins by id (the interned state's items keep those origins alive), and only ints:
-        # the garbage collector stops tracking it.
-        key = tuple(sorted({(r, d, id(o)) for r, d, o in kernel}))
+        # The key holds only ints (origins by index): the garbage collector stops tracking it.
+        key = tuple(sorted(kernel))
         g = self.g
         hit = g.states.get(key)
         if hit is not None:
             return hit
         state = EarleyState(g)
-        state._close(kernel, root=g.root)
+        state._close(key, root=g.root.index)
         with g._lock:
             return g.states.setdefault(key, state)
 
@@ -283,3 +320,32 @@ class EarleyState:
         result = tuple(out)
         self._after[terminals] = result
         return result
+
+
+def _predict(g: Grammar, me: int, x: int, predicted: set[int], by_next: dict[int, list[int]]) -> int:
+    """Add to `by_next` the items that predicting `x` brings in state `me` (their origin), in bulk: per
+    non-terminal predicted (transitively), its rules' items from `Grammar.own_items`, which depend on the
+    grammar only, so they skip the closure's agenda. Returns how many were added.
+
+    Items predicted in a state never complete there except through nullable symbols (advanced at
+    prediction), so they add nothing else: the agenda only needs the items with earlier origins.
+    """
+    n_t = g.n_terminals
+    added = 0
+    todo = [x]
+    while todo:
+        y = todo.pop()
+        if y in predicted:
+            continue
+        predicted.add(y)
+        for sym, flat, k in g.own_items(y):
+            items = by_next.get(sym)
+            if items is None:
+                items = by_next[sym] = []
+            start = len(items)
+            items += flat
+            items[start + 2 :: 3] = [me] * k
+            added += k
+            if sym >= n_t and sym not in predicted:
+                todo.append(sym)
+    return added

@@ -54,19 +54,20 @@ class Lexer:
         self.accepts: list[tuple[int, ...]] = [prod.accept_sets[i] for i in prod.accept_id.tolist()]
         self.accepting = np.asarray([bool(a) for a in prod.accept_sets], dtype=np.bool_)[prod.accept_id]
         self.n_states = prod.n_states
-        self._rows: list[list[int] | None] = [None] * self.n_states
+        self._rows: list[tuple[int, ...] | None] = [None] * self.n_states
         # A one-terminal lexer whose DFA has a base hint walks by difference from the base's walks.
         self.base_dfa: ByteDFA | None = base_hint(dfas[0]) if len(dfas) == 1 else None
         self._link: BaseLink | None | bool = False  # False: not built yet; None: no usable base
 
-    def row(self, state: int) -> list[int]:
-        """Row `state` of `transitions` as a list (stepping from Python is faster on lists).
+    def row(self, state: int) -> tuple[int, ...]:
+        """Row `state` of `transitions` as a tuple (stepping from Python is faster than on numpy rows).
 
         Rows are converted on first use: a big lexer's whole table costs more than the steps taken in it.
+        Tuples, not lists: a tuple of ints stops being tracked by the garbage collector after one pass.
         """
         row = self._rows[state]
         if row is None:
-            row = self._rows[state] = self.transitions[state].tolist()
+            row = self._rows[state] = tuple(self.transitions[state].tolist())
         return row
 
     def link(self) -> BaseLink | None:

@@ -20,7 +20,7 @@ from bisect import bisect_left
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import HealthCheck, assume, example, given, settings
 from hypothesis import strategies as st
 
 from constrain.errors import CompileLimitError
@@ -152,7 +152,7 @@ def test_numba_lexer_product_equals_the_reference_construction(automata):
         if s >= 0:
             assert lexer.accepts[s] == tuple(j for j, d in enumerate(automata) if d.matches(w))
             assert bool(lexer.accepting[s]) == any(d.matches(w) for d in automata)
-            assert lexer.row(s) == lexer.transitions[s].tolist()
+            assert lexer.row(s) == tuple(lexer.transitions[s].tolist())
 
 
 @SETTINGS
@@ -572,3 +572,92 @@ def test_a_grammar_loop_comes_back_to_the_same_earley_state():
         states.append(nxt)
     assert states[4] is states[2] and states[6] is states[2] and states[5] is states[3]
     assert states[7] is states[3] and states[7].accepting
+
+
+def reference_item_sets(g, text: list[int]) -> list[tuple[set[tuple[int, int, int]], bool]]:
+    """Earley item sets `(rule, dot, origin position)` after each prefix of the terminal ids `text`, by the
+    textbook agenda (every item, predicted ones included, goes through it; nullable symbols are advanced at
+    prediction), plus whether the prefix is a sentence. Stops after the first empty set."""
+    sets: list[set[tuple[int, int, int]]] = []
+    out = []
+    kernel = {(0, 0, 0)}
+    for i in range(len(text) + 1):
+        items: set[tuple[int, int, int]] = set()
+        agenda = list(kernel)
+        while agenda:
+            item = agenda.pop()
+            if item in items:
+                continue
+            items.add(item)
+            r, d, o = item
+            rhs = g.rhs[r]
+            if d == len(rhs):
+                if o < i:  # complete: advance the items of set `o` waiting for this rule's symbol
+                    agenda += [
+                        (r2, d2 + 1, o2)
+                        for r2, d2, o2 in sets[o]
+                        if d2 < len(g.rhs[r2]) and g.rhs[r2][d2] == g.lhs[r]
+                    ]
+                continue
+            sym = rhs[d]
+            if sym >= g.n_terminals:
+                agenda += [(r2, 0, i) for r2 in g.rules_of.get(sym, ())]
+                if sym in g.nullable:
+                    agenda.append((r, d + 1, o))
+        sets.append(items)
+        out.append((items, (0, 1, 0) in items))
+        if not items or i == len(text):
+            break
+        kernel = {(r, d + 1, o) for r, d, o in items if d < len(g.rhs[r]) and g.rhs[r][d] == text[i]}
+        if not kernel:
+            out.append((set(), False))
+            break
+    return out
+
+
+def engine_items(state) -> set[tuple[int, int, int]]:
+    """A state's items `(rule, dot, id(origin state))`: the ones waiting for a symbol (the only ones kept)."""
+    return {(r, d, id(o)) for r, d, o in state.items()}
+
+
+@SETTINGS
+@given(rules=rules_strategy, text=st.lists(st.sampled_from("abc"), max_size=10))
+# Two predictions that reach one non-terminal (B) in the same state: its items must be added once.
+@example(
+    rules=[("S", ("a", "A")), ("S", ("a", "S")), ("S", ("B",)), ("A", ("B",)), ("B", ("b",))], text=["a"]
+)
+def test_bulk_predicted_earley_states_hold_the_textbook_items(rules, text):
+    """On random grammars (recursion of every kind, empty rules) and random terminal strings, every Earley
+    state built with bulk prediction holds exactly the textbook item sets' items that wait for a symbol
+    (origins mapped to the states at those positions), expects the same terminals and accepts where the
+    textbook parser does."""
+    from constrain.errors import SpecError
+    from constrain.grammars.earley import Grammar, GrammarIR, Rule, Terminal
+
+    ir = GrammarIR(
+        terminals=tuple(Terminal(x, x) for x in "abc"),
+        rules=tuple(Rule(lhs, rhs) for lhs, rhs in rules),
+        start="S",
+    )
+    try:
+        g = Grammar(ir)
+    except SpecError:
+        assume(False)
+    ids = [{"a": 0, "b": 1, "c": 2}[x] for x in text]
+    ref = reference_item_sets(g, ids)
+    states = [g.root]
+    for t in ids[: len(ref) - 1]:
+        states.append(states[-1].scan([t]))
+        if states[-1] is None:
+            break
+    assert len(states) == len(ref)  # both die at the same place, or both read all of `text`
+    for state, (items, accepting) in zip(states, ref, strict=True):
+        if state is None:
+            assert not items
+            continue
+        waiting = {(r, d, id(states[o])) for r, d, o in items if d < len(g.rhs[r])}
+        assert engine_items(state) == waiting
+        assert len(state.items()) == len(waiting)  # each item once
+        assert state.accepting == accepting
+        assert state.expected == frozenset(g.rhs[r][d] for r, d, _ in waiting if g.rhs[r][d] < g.n_terminals)
+        assert state.n_items >= len(waiting)
