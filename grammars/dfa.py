@@ -466,17 +466,9 @@ def _holds(pool: np.ndarray, off: np.ndarray, n: int, member: int) -> np.ndarray
     return out
 
 
-def _live_states(table: np.ndarray, accepting: np.ndarray) -> np.ndarray:
-    """Bool (n,): states from which an accepting state can be reached (backward search)."""
-    n = table.shape[0]
-    tails, labels = np.nonzero(table >= 0)
-    heads = table[tails, labels]
-    by_head = np.argsort(heads, kind="stable")
-    head_first = np.searchsorted(heads[by_head], np.arange(n + 1))
-    return _backward_reach(tails[by_head].astype(np.int64), head_first.astype(np.int64), accepting)
-
-
-def minimize(table: np.ndarray, accepting: np.ndarray, start: int, class_of: np.ndarray) -> ByteDFA:
+def minimize(
+    table: np.ndarray, accepting: np.ndarray, start: int, class_of: np.ndarray, *, merged: bool = False
+) -> ByteDFA:
     """The minimal `ByteDFA` equivalent to a DFA over byte classes.
 
     Args:
@@ -484,54 +476,158 @@ def minimize(table: np.ndarray, accepting: np.ndarray, start: int, class_of: np.
         accepting: bool `(n,)`.
         start: the start state.
         class_of: `(256,)`: the class of each byte.
+        merged: the caller knows that no two live states are equivalent (a construction minimal by design):
+            only dead states are trimmed and states renumbered, with no partition refinement.
 
     Dead states (that cannot reach an accepting state) are removed first, then equivalent states are merged
     (Valmari-Lehtinen's O(m log n) partition refinement for partial DFAs); states are renumbered breadth-first
-    from the start, so equal languages give identical DFAs.
+    from the start, so equal languages give identical DFAs. One numba call does it all (the numpy steps it
+    replaced cost ~0.4 ms on a 46-state, 256-column product table; this ~0.15 ms).
     """
-    table = np.asarray(table, dtype=np.int32)
-    accepting = np.asarray(accepting, dtype=bool)
-    live = _live_states(table, accepting)
-    if not live[start]:
+    table = np.ascontiguousarray(table, dtype=np.int32)
+    accepting = np.ascontiguousarray(accepting, dtype=np.bool_)
+    small, acc, inverse = _minimize_kernel(table, accepting, int(start), not merged)
+    if small.shape[0] == 0:
         return ByteDFA.empty()
-    keep = np.flatnonzero(live)
-    remap = np.full(table.shape[0], DEAD, dtype=np.int32)
-    remap[keep] = np.arange(keep.size, dtype=np.int32)
-    sub = table[keep]
-    sub = np.where(sub >= 0, remap[np.maximum(sub, 0)], DEAD)
-    acc = accepting[keep]
+    return _freeze(small[:, inverse[np.asarray(class_of)]], acc, 0)
+
+
+@njit(cache=True)
+def _minimize_kernel(
+    table: np.ndarray, accepting: np.ndarray, start: int, refine: bool
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """`minimize` on class columns: (table (n_min, k') int32 numbered breadth-first, accepting (n_min,),
+    the merged column of each class (k,)). n_min is 0 for the empty language. Without `refine`, every
+    live state is its own block."""
+    # Equal columns first (one pass over the full, often 256-wide, table): all later passes are on the
+    # distinct columns only. Grouping columns never changes the result: the breadth-first numbering visits
+    # a state's targets in byte order whatever the grouping.
+    inverse0, reps0 = _merge_columns(table)
+    table = _take_columns(table, reps0)
+    n, k = table.shape
+    # Live states: backward search from the accepting ones over the reversed edges (a counting sort by head).
+    first = np.zeros(n + 1, dtype=np.int64)
+    for q in range(n):
+        for c in range(k):
+            t = table[q, c]
+            if t >= 0:
+                first[t + 1] += 1
+    for q in range(n):
+        first[q + 1] += first[q]
+    sources = np.empty(first[n], dtype=np.int64)
+    fill = first[:n].copy()
+    for q in range(n):
+        for c in range(k):
+            t = table[q, c]
+            if t >= 0:
+                sources[fill[t]] = q
+                fill[t] += 1
+    live = _backward_reach(sources, first, accepting)
+    if not live[start]:
+        return np.zeros((0, 1), dtype=np.int32), np.zeros(0, dtype=np.bool_), np.zeros_like(inverse0)
+    remap = np.full(n, -1, dtype=np.int64)
+    size = 0
+    for q in range(n):
+        if live[q]:
+            remap[q] = size
+            size += 1
+    sub = np.full((size, k), -1, dtype=np.int32)
+    acc = np.zeros(size, dtype=np.bool_)
+    for q in range(n):
+        if live[q]:
+            acc[remap[q]] = accepting[q]
+            for c in range(k):
+                t = table[q, c]
+                if t >= 0 and live[t]:
+                    sub[remap[q], c] = remap[t]
     # Classes with identical columns behave alike: merge them (fewer labels to refine on).
-    inverse, reps = _merge_columns(np.ascontiguousarray(sub))
-    columns = sub[:, reps]
-    class_of = inverse[np.asarray(class_of)]
-    tails, labels = np.nonzero(columns >= 0)
-    heads = columns[tails, labels]
-    tails, labels, heads = tails.astype(np.int64), labels.astype(np.int64), heads.astype(np.int64)
-    by_label = np.argsort(labels, kind="stable")  # numpy's sorts are much faster than numba's
-    by_head = np.argsort(heads, kind="stable")
-    head_first = np.searchsorted(heads[by_head], np.arange(keep.size + 1))
-    block = _refine(keep.size, tails, labels, by_label, by_head, head_first, acc)
-    n_blocks = int(block.max()) + 1
-    reps = np.zeros(n_blocks, dtype=np.int64)
-    reps[block] = np.arange(keep.size)  # any member represents its block
-    block_table = np.where(columns[reps] >= 0, block[np.maximum(columns[reps], 0)], DEAD).astype(np.int64)
-    order = _bfs_order(block_table, int(block[remap[start]]))  # new id -> block
-    new_id = np.full(n_blocks, DEAD, dtype=np.int32)
-    new_id[order] = np.arange(order.size, dtype=np.int32)
-    small = np.where(block_table[order] >= 0, new_id[np.maximum(block_table[order], 0)], DEAD)
-    return _freeze(small[:, class_of], acc[reps[order]], 0)
+    inverse1, reps = _merge_columns(sub)
+    inverse = inverse1[inverse0]
+    kk = reps.shape[0]
+    columns = _take_columns(sub, reps)
+    m = 0
+    for q in range(size):
+        for j in range(kk):
+            if columns[q, j] >= 0:
+                m += 1
+    # Transitions in row order, and stable counting sorts of them by label and by head.
+    tails = np.empty(m, dtype=np.int64)
+    labels = np.empty(m, dtype=np.int64)
+    heads = np.empty(m, dtype=np.int64)
+    label_first = np.zeros(kk + 1, dtype=np.int64)
+    head_first = np.zeros(size + 1, dtype=np.int64)
+    i = 0
+    for q in range(size):
+        for j in range(kk):
+            t = columns[q, j]
+            if t >= 0:
+                tails[i] = q
+                labels[i] = j
+                heads[i] = t
+                label_first[j + 1] += 1
+                head_first[t + 1] += 1
+                i += 1
+    for j in range(kk):
+        label_first[j + 1] += label_first[j]
+    for q in range(size):
+        head_first[q + 1] += head_first[q]
+    by_label = np.empty(m, dtype=np.int64)
+    by_head = np.empty(m, dtype=np.int64)
+    at_label = label_first[:kk].copy()
+    at_head = head_first[:size].copy()
+    for i in range(m):
+        by_label[at_label[labels[i]]] = i
+        at_label[labels[i]] += 1
+        by_head[at_head[heads[i]]] = i
+        at_head[heads[i]] += 1
+    block = _refine(size, tails, labels, by_label, by_head, head_first, acc) if refine else np.arange(size)
+    n_blocks = 0
+    for q in range(size):
+        n_blocks = max(n_blocks, block[q] + 1)
+    rep = np.zeros(n_blocks, dtype=np.int64)
+    for q in range(size):
+        rep[block[q]] = q  # any member represents its block
+    block_table = np.full((n_blocks, kk), -1, dtype=np.int64)
+    for b in range(n_blocks):
+        for j in range(kk):
+            t = columns[rep[b], j]
+            if t >= 0:
+                block_table[b, j] = block[t]
+    order = _bfs_order(block_table, block[remap[start]])  # new id -> block
+    new_id = np.full(n_blocks, -1, dtype=np.int64)
+    for i in range(order.shape[0]):
+        new_id[order[i]] = i
+    small = np.full((order.shape[0], kk), -1, dtype=np.int32)
+    acc_out = np.zeros(order.shape[0], dtype=np.bool_)
+    for i in range(order.shape[0]):
+        b = order[i]
+        acc_out[i] = acc[rep[b]]
+        for j in range(kk):
+            t = block_table[b, j]
+            if t >= 0:
+                small[i, j] = new_id[t]
+    return small, acc_out, inverse
+
+
+@njit(cache=True)
+def _take_columns(table: np.ndarray, columns: np.ndarray) -> np.ndarray:
+    """`table[:, columns]` (int32)."""
+    n = table.shape[0]
+    out = np.empty((n, columns.shape[0]), dtype=np.int32)
+    for q in range(n):
+        for j in range(columns.shape[0]):
+            out[q, j] = table[q, columns[j]]
+    return out
 
 
 @njit(cache=True)
 def _merge_columns(table: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Group equal columns of `table`: (class of each column, first column of each class)."""
     n, k = table.shape
-    hashes = np.empty(k, dtype=np.uint64)
-    for c in range(k):
-        h = np.uint64(14695981039346656037)
-        for q in range(n):
-            h = (h ^ np.uint64(table[q, c] + 2)) * np.uint64(1099511628211)
-        hashes[c] = h
+    hashes = np.full(k, np.uint64(14695981039346656037), dtype=np.uint64)
+    for q in range(n):  # row by row (the table's memory order), every column's hash at once
+        for c in range(k):
+            hashes[c] = (hashes[c] ^ np.uint64(table[q, c] + 2)) * np.uint64(1099511628211)
     inverse = np.empty(k, dtype=np.int64)
     reps = np.empty(k, dtype=np.int64)
     n_classes = 0

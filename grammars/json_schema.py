@@ -30,17 +30,22 @@ from __future__ import annotations
 import json
 import math
 import re
+from collections import OrderedDict
 from fractions import Fraction
 from functools import lru_cache
 from typing import Any
 
-from constrain.errors import ConstraintError, SpecError, UnsupportedError
+import numpy as np
+
+from constrain.constraint import register_compile_cache
+from constrain.errors import CompileLimitError, ConstraintError, SpecError, UnsupportedError
 
 from .cfg import GrammarConstraint
-from .dfa import ByteDFA
+from .dfa import ByteDFA, minimize
 from .earley import GrammarIR, Rule, Terminal
 from .json_numbers import exact, lower_bound_regex, multiple_dfa, upper_bound_regex
 from .product import product_dfa as _product_dfa
+from .product import set_base
 from .schema_logic import (
     LOGIC_KEYWORDS,
     NOT_ENUM,
@@ -50,7 +55,7 @@ from .schema_logic import (
     check_value,
     conjuncts,
 )
-from .terminals import MAX_DFA_STATES, pattern_dfa
+from .terminals import MAX_DFA_STATES, MAX_UNROLL, RELAX_SPAN, intern_by_content, pattern_dfa
 
 ANNOTATIONS = {
     "title",
@@ -124,6 +129,7 @@ _CHAR = (
     r'(?:[^"\\\x00-\x1f]|\\["\\/bfnrt]|\\u(?:[0-9a-cA-CefEF][0-9a-fA-F]{3}|[dD][0-7][0-9a-fA-F]{2})'
     r"|\\u[dD][89abAB][0-9a-fA-F]{2}\\u[dD][c-fC-F][0-9a-fA-F]{2})"
 )
+_STRING = '"' + _CHAR + '*"'  # any JSON string
 _NUMBER = r"-?(?:0|[1-9][0-9]*)(?:\.[0-9]+)?(?:[eE][+-]?[0-9]+)?"
 _INTEGER = r"-?(?:0|[1-9][0-9]*)"
 
@@ -196,6 +202,23 @@ def _char_regex(c: str) -> str:
 def string_literal_regex(value: str) -> str:
     """A regex for every JSON spelling of the string `value` (quotes included)."""
     return '"' + "".join(_char_regex(c) for c in value) + '"'
+
+
+# Characters with one JSON spelling inside a string (see `_char_regex`): printable ASCII but `"`, `\\`, `/`.
+_ONE_SPELLING = re.compile(r"[ !#-.0-\[\]-~]*")
+
+
+@lru_cache(maxsize=4096)
+def strings_dfa(values: tuple[str, ...]) -> ByteDFA:
+    """The DFA of every JSON spelling (quotes included) of each string in `values` (e.g. property names).
+
+    Values with a single spelling (printable ASCII but `"`, `\\`, `/`: most keys) are built as a trie of
+    their bytes, with no regex parse; the others go through `string_literal_regex`. Cached by `values`, so
+    the products made from it (`product_dfa`) are shared by equal sets.
+    """
+    if all(_ONE_SPELLING.fullmatch(v) for v in values):
+        return ByteDFA.from_literals([f'"{v}"'.encode() for v in values], max_states=MAX_DFA_STATES)
+    return pattern_dfa("|".join(string_literal_regex(v) for v in values), 0, "property names")
 
 
 def int_range_regex(lo: int | None, hi: int | None) -> str:
@@ -413,10 +436,14 @@ class _Lowering:
         self.where = "#"
 
     # -- helpers ---------------------------------------------------------------------------------------
-    def term(self, pattern: str) -> str:
+    def term(self, pattern: str, base: bool = False) -> str:
+        """The terminal for `pattern`; `base` (or a pattern in `_BASE_PATTERNS`): a schema-independent one,
+        whose DFA `base_dfa` keeps for the process."""
         name = self.terminals.get(pattern)
         if name is None:
             name = self.terminals[pattern] = f"T{len(self.terminals)}"
+            if base or pattern in _BASE_PATTERNS:
+                self.dfas[pattern] = base_dfa(pattern, name)
         return name
 
     def punct(self, ch: str) -> str:
@@ -424,12 +451,12 @@ class _Lowering:
         esc = re.escape(ch)
         before, after = self.ws_before, self.ws_after
         if ch in "{[":
-            return self.term(esc + after)
+            return self.term(esc + after, base=True)
         if ch in "}]":
-            return self.term(before + esc)
+            return self.term(before + esc, base=True)
         if self.style == "indented":
-            return self.term(esc + (after if ch == "," else " ?"))
-        return self.term(before + esc + after)
+            return self.term(esc + (after if ch == "," else " ?"), base=True)
+        return self.term(before + esc + after, base=True)
 
     def fresh(self, hint: str) -> str:
         self.n_symbols += 1
@@ -986,6 +1013,9 @@ class _Lowering:
             parts.append('"' + FORMATS[fmt] + '"')
         if count != "*" or not parts:
             parts.append('"' + _CHAR + count + '"')
+            if count != "*" and max(lo, hi or 0) <= MAX_UNROLL and (hi is None or lo <= hi):
+                # (outside those bounds, pattern_dfa raises its errors on the pattern, as before)
+                self.dfas.setdefault(parts[-1], length_string_dfa(lo, hi))
         # negations (from `not`): strings matching none of these
         minus = ['"' + self.json_pattern(x, where) + '"' for x in schema.get(NOT_PATTERN, ())]
         excluded = [v for v in schema.get(NOT_ENUM, ()) if isinstance(v, str)]
@@ -1003,9 +1033,9 @@ class _Lowering:
         name = self.terminals.get(key)
         if name is None:
             name = self.terminals[key] = f"T{len(self.terminals)}"
-            dfa = pattern_dfa(patterns[0], 0, "string")
+            dfa = self.dfas.get(patterns[0]) or pattern_dfa(patterns[0], 0, "string")
             for p in patterns[1:]:
-                dfa = product_dfa(dfa, pattern_dfa(p, 0, "string"), "and")
+                dfa = product_dfa(dfa, self.dfas.get(p) or pattern_dfa(p, 0, "string"), "and")
             for p in minus:
                 dfa = product_dfa(dfa, pattern_dfa(p, 0, "string"), "minus")
             self.dfas[key] = dfa
@@ -1171,7 +1201,7 @@ class _Lowering:
             names = [v for v in values if isinstance(v, str) and self.check(v, sub, where)]
             if not names:
                 return ByteDFA.empty()
-            return pattern_dfa("|".join(string_literal_regex(v) for v in names), 0, "property names")
+            return strings_dfa(tuple(sorted(set(names))))
         types = sub.get("type", "string")
         if "string" not in ([types] if isinstance(types, str) else types):
             return ByteDFA.empty()
@@ -1188,7 +1218,7 @@ class _Lowering:
         that match (the value must satisfy all their schemas; no pattern: `additionalProperties`), each key
         DFA cut to what `propertyNames` allows. Classes no key can be in are left out."""
         self.other_key(names)
-        any_key = pattern_dfa('"' + _CHAR + '*"', 0, "string")
+        any_key = base_dfa(_STRING)
         dfa = self.dfas.get(self.other_key_key(names)) if names else any_key
         if key_names is not None:
             dfa = product_dfa(dfa, key_names, "and")
@@ -1244,9 +1274,7 @@ class _Lowering:
             others = self.dfas.get(self.other_key_key(names)) if names else None
             if others is None:
                 self.other_key(names)
-                others = self.dfas.get(self.other_key_key(names)) or pattern_dfa(
-                    '"' + _CHAR + '*"', 0, "string"
-                )
+                others = self.dfas.get(self.other_key_key(names)) or base_dfa(_STRING)
             self.dfas[key] = product_dfa(
                 others, pattern_dfa(matching, 0, "key pattern"), "and" if kind == "match" else "minus"
             )
@@ -1259,14 +1287,89 @@ class _Lowering:
     def other_key(self, names: list[str]) -> str:
         """A terminal for JSON strings that decode to none of `names` (a DFA difference: no regex for it)."""
         if not names:
-            return self.term('"' + _CHAR + '*"')
+            return self.term(_STRING)
         key = self.other_key_key(names)
         name = self.terminals.get(key)
         if name is None:
             name = self.terminals[key] = f"T{len(self.terminals)}"
-            names_dfa = pattern_dfa("|".join(string_literal_regex(n) for n in names), 0, "property names")
-            self.dfas[key] = product_dfa(pattern_dfa('"' + _CHAR + '*"', 0, "string"), names_dfa, "minus")
+            names_dfa = strings_dfa(tuple(sorted(set(names))))
+            self.dfas[key] = product_dfa(base_dfa(_STRING), names_dfa, "minus")
         return name
+
+
+# Terminals that do not depend on the schema (plain strings, numbers, literals, formats; whitespace and
+# punctuation are marked `base` where made): their DFAs are kept for the process, never evicted from
+# `pattern_dfa`'s bounded cache by a large schema, so they and the lexer walks cached on them stay shared.
+_BASE_PATTERNS = frozenset(
+    [_STRING, _NUMBER, _INTEGER, "null", "true", "false", *('"' + f + '"' for f in FORMATS.values())]
+)
+_BASE_DFAS: dict[str, ByteDFA] = {}
+_MAX_BASE_DFAS = 1024  # whitespace options make a few patterns each; past this, fall back to pattern_dfa
+
+
+def base_dfa(pattern: str, name: str = "json") -> ByteDFA:
+    """The DFA of a schema-independent terminal pattern, built once per process.
+
+    Raises what `pattern_dfa` raises, naming the terminal `name` (a whitespace option too large, say).
+    """
+    dfa = _BASE_DFAS.get(pattern)
+    if dfa is None:
+        dfa = pattern_dfa(pattern, 0, name)
+        if len(_BASE_DFAS) < _MAX_BASE_DFAS:
+            _BASE_DFAS[pattern] = dfa
+    return dfa
+
+
+@lru_cache(maxsize=32)  # a DFA here can take ~20 MB (20,000 states x 256 bytes)
+def length_string_dfa(lo: int, hi: int | None) -> ByteDFA:
+    """The minimal DFA of JSON strings of `lo` to `hi` characters (`hi` None: no upper bound), quotes
+    included: the language of the pattern `"` + `_CHAR{lo,hi}` + `"`, built directly.
+
+    The NFA route unrolls `_CHAR` (21 DFA states, UTF-8 splits included) `hi` times and determinises that
+    (~80 ms for maxLength 256); here the DFA is laid out as layers: layer k holds a copy of the states of
+    one character's DFA `C` reached after k characters. `C` accepts a prefix-free language with its one
+    accepting state a sink, and never starts with `"`, so finishing a character steps to the next layer's
+    start and `"` from a layer's start (k >= lo) closes the string. With more than `RELAX_SPAN` optional
+    characters, the DFA gets the unbounded one as its walk base, as `pattern_dfa` would give it.
+
+    Raises `CompileLimitError` past `MAX_DFA_STATES` states (`lo`, `hi` at most `MAX_UNROLL`: the layout is
+    built before the check).
+    """
+    char = base_dfa(_CHAR)
+    (sink,) = np.flatnonzero(char.accepting)  # the structure the layout relies on (checked by tests)
+    inner = np.flatnonzero(~char.accepting)  # a character's unfinished states, copied per layer
+    local = np.full(char.n_states, -1, dtype=np.int64)
+    local[inner] = np.arange(inner.size)
+    width = inner.size
+    layers = (hi if hi is not None else lo) + 1
+    n = 1 + layers * width + 1
+    close = n - 1
+    rows = char.transitions[inner].astype(np.int64)  # (width, 256)
+    k = np.arange(layers)[:, None, None]
+    first = 1 + k * width  # each layer's first state id
+    nxt = k + 1 if hi is not None else np.minimum(k + 1, lo)  # unbounded: the last layer loops
+    to_next = np.where(nxt < layers, 1 + nxt * width + local[char.start], -1)
+    table = np.where(rows < 0, -1, np.where(rows == sink, to_next, first + local[np.maximum(rows, 0)]))
+    table = np.concatenate(
+        [np.full((1, 256), -1), table.reshape(layers * width, 256), np.full((1, 256), -1)]
+    ).astype(np.int32)
+    table[0, ord('"')] = 1 + local[char.start]
+    starts = 1 + np.arange(lo, layers) * width + local[char.start]
+    table[starts, ord('"')] = close
+    accepting = np.zeros(n, dtype=bool)
+    accepting[close] = True
+    # With an upper bound, minimal by design once dead states go (the last layer's unfinished characters):
+    # a character's states are pairwise distinct (C is minimal), layers differ in how many characters may
+    # follow, and strings decode uniquely (C prefix-free, `"` starts none): only trimming and renumbering
+    # are left. Unbounded, layers lo-1 and lo agree mid-character (any number may follow): refine.
+    dfa = minimize(table, accepting, 0, np.arange(256), merged=hi is not None)
+    if dfa.n_states > MAX_DFA_STATES:
+        raise CompileLimitError(
+            f"a JSON string of {lo} to {hi} characters needs more than max_states={MAX_DFA_STATES} DFA states"
+        )
+    if hi is not None and hi - lo > RELAX_SPAN:
+        set_base(dfa, intern_by_content(length_string_dfa(lo, None)))
+    return dfa
 
 
 @lru_cache(maxsize=2048)
@@ -1510,6 +1613,34 @@ def json_schema(
             ) from exc
     if not isinstance(schema, dict | bool):
         raise SpecError(f"a JSON schema must be an object or a boolean, got {type(schema).__name__}")
+    # The same schema again (a server's repeated request; maskbench compiles once per instance): the lowering
+    # of a large schema takes seconds. Keyed by repr, which keeps key order (property order is meaningful)
+    # and tells 1 from "1" and True; unhashable oddities just skip the cache.
+    try:
+        key = (repr(schema), whitespace, max_whitespace, lenient, property_order, model)
+        hit = _lowered.get(key)
+    except TypeError:
+        key, hit = None, None
+    if hit is not None and repr(hit.schema) == key[0]:  # (unless the first caller's dict was mutated since)
+        _lowered.move_to_end(key)
+        return hit
+    constraint = _lower(schema, model, whitespace, max_whitespace, lenient, property_order)
+    if key is not None:
+        _lowered[key] = constraint
+        while len(_lowered) > _LOWERED_CACHE_SIZE:
+            _lowered.popitem(last=False)
+    return constraint
+
+
+_LOWERED_CACHE_SIZE = 64
+_lowered: OrderedDict[tuple, JsonSchemaConstraint] = OrderedDict()
+register_compile_cache(_lowered.clear)
+
+
+def _lower(
+    schema: Any, model: Any, whitespace: str, max_whitespace: int, lenient: bool, property_order: str
+) -> JsonSchemaConstraint:
+    """`json_schema` without its cache."""
     low = _Lowering(
         schema,
         whitespace=whitespace,
@@ -1527,7 +1658,7 @@ def json_schema(
         # a keyword with a value of the wrong JSON type somewhere under the last schema entered
         raise SpecError(f"malformed schema near {low.where}: {type(exc).__name__}: {exc}") from exc
     n_ws = max(1, max_whitespace)
-    ws = low.term(rf"[ \t\n\r]{{1,{n_ws}}}") if whitespace != "compact" else None
+    ws = low.term(rf"[ \t\n\r]{{1,{n_ws}}}", base=True) if whitespace != "compact" else None
     start_rules = [Rule("start", (top,))]
     if ws:
         start_rules = [Rule("start", ("ws0", top, "ws0")), Rule("ws0", ()), Rule("ws0", (ws,))]

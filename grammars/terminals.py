@@ -18,6 +18,9 @@ import re._casefix as _casefix
 import re._constants as C  # noqa: N812 - the module's own short name
 import re._parser as sre_parse
 import sys
+import threading
+from collections import OrderedDict
+from collections.abc import Callable
 from functools import cache, lru_cache
 
 import numpy as np
@@ -133,6 +136,7 @@ class _Lowering:
         self.nfa = NFA(max_states=MAX_NFA_STATES)
         self.relax = relax  # lower long counted repeats {lo,hi} as {lo,}
         self.relaxable = False  # the pattern has such a repeat
+        self.copy_repeats = True  # counted repeats copy their body's first lowering (`_copier`)
 
     def fail(self, what: str) -> UnsupportedError:
         return UnsupportedError(
@@ -168,6 +172,37 @@ class _Lowering:
         else:
             base = list(_category_ranges(escape))
         return _complement(base) if negated else base
+
+    def _copier(self, body: list, flags: int) -> Callable[[int], int]:
+        """A function `src -> end` that lowers `body` from `src` as `seq` does: the first call lowers it,
+        later ones copy the states and edges that call made, in the same order, so the NFA is the very one
+        repeated lowering builds (a counted repeat such as `{0,256}` of a JSON string character lowers its
+        body, classes and UTF-8 splits included, once instead of 256 times)."""
+        nfa = self.nfa
+        template: list = []
+
+        def lower(src: int) -> int:
+            if not template:
+                k0, e0, p0 = len(nfa.eps), len(nfa.edges[src]), len(nfa.eps[src])
+                end = self.seq(body, flags, src)
+                k1 = len(nfa.eps)
+                inner = [(list(nfa.edges[q]), list(nfa.eps[q])) for q in range(k0, k1)]
+                template.extend([src, k0, k1, nfa.edges[src][e0:], nfa.eps[src][p0:], inner, end])
+                return end
+            t_src, k0, k1, src_edges, src_eps, inner, t_end = template
+            nfa._check_room(k1 - k0)
+            shift = len(nfa.eps) - k0
+
+            def m(q: int) -> int:
+                return src if q == t_src else q + shift if k0 <= q < k1 else q
+
+            nfa.eps.extend([m(t) for t in eps] for _, eps in inner)
+            nfa.edges.extend([(lo, hi, m(t)) for lo, hi, t in edges] for edges, _ in inner)
+            nfa.edges[src].extend((lo, hi, m(t)) for lo, hi, t in src_edges)
+            nfa.eps[src].extend(m(t) for t in src_eps)
+            return m(t_end)
+
+        return lower
 
     def seq(self, items: list, flags: int, src: int) -> int:
         """Lower a sequence starting at NFA state `src`; returns its end state."""
@@ -214,18 +249,20 @@ class _Lowering:
                 self.relaxable = True
                 if self.relax:
                     hi = _MAXREPEAT
+            copies = lo + (1 if hi is _MAXREPEAT else hi - lo)
+            lower = self._copier(body, flags) if copies > 1 and self.copy_repeats else None
             for _ in range(lo):
-                src = self.seq(body, flags, src)
+                src = lower(src) if lower else self.seq(body, flags, src)
             if hi is _MAXREPEAT:
                 loop = nfa.add_state()
                 nfa.add_epsilon(src, loop)
-                back = self.seq(body, flags, loop)
+                back = lower(loop) if lower else self.seq(body, flags, loop)
                 nfa.add_epsilon(back, loop)
                 return loop
             end = nfa.add_state()
             nfa.add_epsilon(src, end)
             for _ in range(hi - lo):
-                src = self.seq(body, flags, src)
+                src = lower(src) if lower else self.seq(body, flags, src)
                 nfa.add_epsilon(src, end)
             return end
         names = {
@@ -291,15 +328,44 @@ def _finite_language(items: list) -> list[str] | None:
     return out
 
 
-@lru_cache(maxsize=4096)
+_PATTERN_CACHE_SIZE = 4096
+_pattern_cache: OrderedDict[tuple[str, int], ByteDFA] = OrderedDict()
+_pattern_lock = threading.Lock()
+
+
 def pattern_dfa(pattern: str, flags: int = 0, name: str = "?") -> ByteDFA:
     """The minimal `ByteDFA` of the strings `pattern` fully matches (Python `re` syntax and flags).
+
+    Cached (least recently used) by `(pattern, flags)`: `name` only labels errors, so the same pattern
+    under another terminal name (T3 in one schema, T7 in the next) is a hit. `pattern_dfa.__wrapped__`
+    builds without the cache.
 
     Raises:
         SpecError: the pattern does not parse (the message gives the position).
         UnsupportedError: anchors, lookaround, backreferences, possessive repeats or atomic groups.
         CompileLimitError: the automaton would exceed `MAX_NFA_STATES` / `MAX_DFA_STATES`.
     """
+    key = (pattern, flags)
+    with _pattern_lock:
+        dfa = _pattern_cache.get(key)
+        if dfa is not None:
+            _pattern_cache.move_to_end(key)
+            return dfa
+    dfa = _build_pattern_dfa(pattern, flags, name)
+    with _pattern_lock:
+        dfa = _pattern_cache.setdefault(key, dfa)
+        while len(_pattern_cache) > _PATTERN_CACHE_SIZE:
+            _pattern_cache.popitem(last=False)
+    return dfa
+
+
+def _clear_pattern_cache() -> None:
+    with _pattern_lock:
+        _pattern_cache.clear()
+
+
+def _build_pattern_dfa(pattern: str, flags: int = 0, name: str = "?") -> ByteDFA:
+    """`pattern_dfa` without the cache."""
     pattern = _KNOWN_REWRITES.get(pattern, pattern)
     if not flags and _PLAIN.fullmatch(pattern):  # a literal (e.g. a JSON key): no parse, no automaton work
         try:
@@ -333,6 +399,9 @@ def pattern_dfa(pattern: str, flags: int = 0, name: str = "?") -> ByteDFA:
     return dfa
 
 
+pattern_dfa.__wrapped__ = _build_pattern_dfa  # type: ignore[attr-defined]
+pattern_dfa.cache_clear = _clear_pattern_cache  # type: ignore[attr-defined]
+
 _by_content: dict[tuple[bytes, bytes], ByteDFA] = {}
 
 
@@ -351,6 +420,12 @@ def _relaxed_dfa(pattern: str, flags: int) -> ByteDFA | None:
         dfa = ByteDFA.from_nfa(low.nfa, start, end, max_states=MAX_DFA_STATES)
     except (re.error, ConstraintError):
         return None
+    return intern_by_content(dfa)
+
+
+def intern_by_content(dfa: ByteDFA) -> ByteDFA:
+    """The one shared DFA equal to `dfa` (minimal DFAs are numbered canonically, so equal languages give
+    equal arrays): walk bases built by different routes are then one object, with one set of walks."""
     key = (dfa.transitions.tobytes(), dfa.accepting.tobytes())
     return _by_content.setdefault(key, dfa)
 
